@@ -1,0 +1,5 @@
+"""Exact batched belief propagation on GHMs."""
+
+from hdiff.bp.propagation import BPResult, log_evidence, posterior, sample_posterior
+
+__all__ = ["BPResult", "posterior", "log_evidence", "sample_posterior"]

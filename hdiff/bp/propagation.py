@@ -1,0 +1,160 @@
+"""Exact batched belief propagation on a GHM: marginals, log-evidence, joint posterior samples.
+
+Evidence is a per-leaf log-likelihood ``log p(obs_i | x0_i = b)``, shape ``(B, *leaf_shape, v)``
+(``-inf`` = hard evidence that excludes ``b``). The upward pass (leaves to root) computes every
+node's inside message ``p(evidence below | symbol)``, rescaled to max 1 per node with the
+log-scales summed into the log-evidence; the downward pass turns the root posterior into every
+node's posterior marginal (BACKGROUND.md, "BP on a production-rule GHM"). The only Python loop is
+over levels; everything is vectorised over batch and nodes (see :mod:`hdiff.bp._order` for the
+memory layout) and runs on whatever device the evidence is on.
+
+Impossible evidence (probability 0 under the GHM) gives ``log_evidence = -inf``; the marginals
+of such a row are then defined as **uniform** (they are 0/0 mathematically), never NaN, and
+:func:`sample_posterior` raises. Cost: ``O(B * nodes * A * m * s)`` for production kernels,
+``O(B * nodes * s * A * C)`` for factorized ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hdiff.bp._order import from_internal, to_internal, tokens_from_internal
+from hdiff.bp.messages import downward, sample_down, upward
+from hdiff.ghm._random import categorical
+from hdiff.ghm.model import GHM
+
+
+@dataclass
+class BPResult:
+    """Output of :func:`posterior`.
+
+    Attributes:
+        leaf_marginals: ``(B, *leaf_shape, v)``, ``p(x0_i = b | evidence)``.
+        log_evidence: ``(B,)``, ``log p(evidence) = log sum_x p(x) prod_i lik_i(x_i)``.
+        root_marginals: ``(B, num_classes)``, ``p(root = c | evidence)``.
+        level_marginals: with ``levels=True``, ``depth + 1`` tensors, root first, level ``l`` of
+            shape ``(B, *level_shape(l), symbols(l))``; else ``None``.
+    """
+
+    leaf_marginals: torch.Tensor
+    log_evidence: torch.Tensor
+    root_marginals: torch.Tensor
+    level_marginals: list[torch.Tensor] | None = None
+
+
+def _check_evidence(ghm: GHM, leaf_log_lik: torch.Tensor) -> torch.Tensor:
+    if not isinstance(leaf_log_lik, torch.Tensor) or not leaf_log_lik.is_floating_point():
+        raise ValueError(f"leaf_log_lik must be a floating-point tensor of shape (B, *{ghm.leaf_shape}, {ghm.vocab_size})")
+    expected = (*ghm.leaf_shape, ghm.vocab_size)
+    if leaf_log_lik.ndim != len(expected) + 1 or tuple(leaf_log_lik.shape[1:]) != expected:
+        raise ValueError(f"leaf_log_lik must have shape (B, *{expected}), got {tuple(leaf_log_lik.shape)}")
+    if leaf_log_lik.dtype not in (torch.float32, torch.float64):
+        leaf_log_lik = leaf_log_lik.float()  # half precision cannot hold the message scales
+    return leaf_log_lik
+
+
+def _upward(ghm: GHM, leaf_log_lik: torch.Tensor):
+    """Inside pass. Returns the root posterior ``(B, num_classes)``, log-evidence ``(B,)`` and caches."""
+    leaf_log_lik = _check_evidence(ghm, leaf_log_lik)
+    B = leaf_log_lik.shape[0]
+    mx = leaf_log_lik.amax(-1)  # (B, *leaf_shape); NaN and +inf propagate into the max: one pass checks both
+    top = mx.max() if mx.numel() else mx.new_zeros(())
+    if torch.isnan(top):
+        raise ValueError("leaf_log_lik contains NaN")
+    if top == torch.inf:
+        raise ValueError("leaf_log_lik contains +inf (log-likelihoods must be < +inf)")
+    mx = torch.where(mx > -torch.inf, mx, 0.0)
+    log_scale = mx.reshape(B, -1).sum(1)
+    # to internal order, then u = exp(log-lik - max) in place: each leaf's largest entry is 1
+    u = to_internal(leaf_log_lik, ghm.layout, ghm.branching, ghm.depth)
+    shift = to_internal(mx.unsqueeze(-1), ghm.layout, ghm.branching, ghm.depth)  # (1, N * B)
+    u = u.sub_(shift).exp_()
+    caches = [None] * ghm.depth
+    for level in reversed(range(ghm.depth)):
+        u, scale, caches[level] = upward(ghm.kernels[level], u)
+        log_scale = log_scale + scale.view(-1, B).sum(0)
+    joint = ghm.root_prior.to(device=u.device, dtype=u.dtype).unsqueeze(1) * u  # (num_classes, B)
+    total = joint.sum(0)
+    root = joint / torch.where(total > 0, total, 1.0)
+    return root, log_scale + total.log(), caches
+
+
+def log_evidence(ghm: GHM, leaf_log_lik: torch.Tensor) -> torch.Tensor:
+    """``log p(evidence)`` ``(B,)`` from the upward pass alone (cheaper than :func:`posterior`)."""
+    return _upward(ghm, leaf_log_lik)[1]
+
+
+def posterior(ghm: GHM, leaf_log_lik: torch.Tensor, *, levels: bool = False) -> BPResult:
+    """Exact posterior marginals and log-evidence by belief propagation.
+
+    Args:
+        ghm: the model.
+        leaf_log_lik: ``(B, *leaf_shape, v)`` float32/float64 leaf log-likelihoods
+            ``log p(obs_i | x0_i = b)`` (any per-leaf constant is allowed; ``-inf`` excludes ``b``).
+        levels: also return every level's marginals.
+
+    Returns:
+        :class:`BPResult`, in the evidence's dtype and device. Rows with impossible evidence have
+        ``log_evidence = -inf`` and uniform marginals.
+
+    Raises:
+        ValueError: wrong shape or dtype, NaN or ``+inf`` in ``leaf_log_lik``.
+    """
+    root, log_ev, caches = _upward(ghm, leaf_log_lik)
+    B = root.shape[1]
+    possible = torch.isfinite(log_ev)
+    p = root
+    per_level = [p]
+    for level in range(ghm.depth):
+        p = downward(ghm.kernels[level], p, caches[level])
+        if levels or level == ghm.depth - 1:
+            per_level.append(p)
+
+    all_possible = bool(possible.all())
+
+    def user(q: torch.Tensor, level: int) -> torch.Tensor:
+        out = from_internal(q, ghm.level_shape(level), ghm.layout, ghm.branching, level)
+        if all_possible:
+            return out
+        return torch.where(possible.view(-1, *[1] * (out.ndim - 1)), out, 1.0 / out.shape[-1])
+
+    leaf = user(per_level[-1], ghm.depth)
+    level_marginals = [user(q, l) for l, q in enumerate(per_level)] if levels else None
+    root_marginals = user(root, 0).view(B, -1)
+    return BPResult(leaf, log_ev, root_marginals, level_marginals)
+
+
+def sample_posterior(ghm: GHM, leaf_log_lik: torch.Tensor, *, generator: torch.Generator | None = None,
+                     return_tree: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """Draw ``x0`` jointly from ``p(x0 | evidence)``, one sample per batch row.
+
+    Top-down from the upward messages (BACKGROUND.md, "Exact joint sampling"): the root from its
+    posterior, then each node's rule (or each child) given its drawn symbol and the evidence below.
+
+    Args:
+        ghm: the model.
+        leaf_log_lik: ``(B, *leaf_shape, v)`` as in :func:`posterior`.
+        generator: torch RNG on the evidence's device.
+        return_tree: also return every level's sampled symbols (root first).
+
+    Returns:
+        tokens ``(B, *leaf_shape)`` long (and the levels, as in :meth:`GHM.sample`).
+
+    Raises:
+        ValueError: for invalid evidence, or a row whose evidence is impossible.
+    """
+    root, log_ev, caches = _upward(ghm, leaf_log_lik)
+    if not bool(torch.isfinite(log_ev).all()):
+        bad = torch.nonzero(~torch.isfinite(log_ev)).flatten()[:5].tolist()
+        raise ValueError(f"leaf_log_lik: evidence is impossible under the GHM for rows {bad} (log_evidence = -inf)")
+    nodes = categorical(root.T, generator=generator)  # (B,)
+    tree = [nodes]
+    for level in range(ghm.depth):
+        nodes = sample_down(ghm.kernels[level], nodes, caches[level], generator)
+        tree.append(nodes)
+    if not return_tree:
+        return tokens_from_internal(nodes, ghm.leaf_shape, ghm.layout, ghm.branching, ghm.depth)
+    tree = [tokens_from_internal(x, ghm.level_shape(l), ghm.layout, ghm.branching, l) for l, x in enumerate(tree)]
+    return tree[-1], tree

@@ -1,0 +1,20 @@
+"""Categorical sampling by inverse CDF with an explicit generator (no global RNG)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def categorical(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one index per row of ``probs`` ``(..., K)`` (non-negative, any scale) -> ``(...)`` long.
+
+    Rows need not be normalised; rows of zeros are the caller's error (they return index 0 ... K-1
+    of the last positive entry, i.e. never an entry with zero mass when one has mass).
+    """
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    # Rounding can push u * total onto the last cdf value: clamp to the last entry with mass.
+    k = probs.shape[-1]
+    last = torch.where(probs > 0, torch.arange(k, device=probs.device), 0).amax(-1)
+    return torch.minimum(idx, last)
