@@ -1,0 +1,131 @@
+"""Typed configs loaded from TOML: unknown keys and wrong types fail loudly, naming the field.
+
+Configs are dataclasses; :func:`from_dict` builds one from a (nested) dict, and :func:`load_toml`
+from a file. Every output directory gets the resolved config back as TOML (:func:`to_toml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _check_value(value: Any, annotation: Any, name: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _check_value(value, option, name)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{name}: {value!r} matches none of {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise TypeError(f"{name} must be None")
+        return None
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise ValueError(f"{name} must be one of {typing.get_args(annotation)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        return [_check_value(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a table, got {type(value).__name__}")
+        return from_dict(annotation, value, name)
+    if annotation is Any:
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise TypeError(f"{name} must be a {annotation.__name__}, got {type(value).__name__}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], name: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ``ValueError``, wrong types ``TypeError``."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {k: _check_value(v, hints[k], f"{name}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_toml(cls: type[T], path: str | Path) -> T:
+    """Read a TOML file into dataclass ``cls`` (strict keys and types)."""
+    with open(path, "rb") as f:
+        return from_dict(cls, tomllib.load(f), Path(path).name)
+
+
+def to_toml(obj: Any) -> str:
+    """Serialise a (nested) config dataclass as TOML (tables for nested dataclasses, None omitted)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    def emit(d: dict, prefix: str) -> list[str]:
+        plain = [f"{k} = {fmt(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)]
+        lines = ([f"[{prefix}]"] if prefix and plain else []) + plain
+        for k, v in d.items():
+            if isinstance(v, dict):
+                lines += [""] + emit(v, f"{prefix}.{k}" if prefix else k)
+        return lines
+
+    return "\n".join(emit(dataclasses.asdict(obj), "")) + "\n"
+
+
+@dataclass
+class GHMConfig:
+    """How to build a GHM: ``family = "hierarchy"`` (the RHM) or ``"factorized"``."""
+
+    family: typing.Literal["hierarchy", "factorized"] = "hierarchy"
+    vocab_size: int = 8
+    num_rules: int = 2
+    branching: int = 2
+    depth: int = 4
+    num_classes: int | None = None
+    layout: typing.Literal["sequence", "image"] = "sequence"
+    rule_probs: typing.Literal["uniform", "zipf"] = "uniform"
+    concentration: float = 1.0
+    seed: int = 0
+
+    def build(self):
+        """The :class:`~hdiff.ghm.GHM` this config describes."""
+        from hdiff.ghm import GHM
+
+        if self.family == "hierarchy":
+            return GHM.random_hierarchy(self.vocab_size, self.num_rules, self.branching, self.depth,
+                                        num_classes=self.num_classes, layout=self.layout,
+                                        rule_probs=self.rule_probs, seed=self.seed)
+        return GHM.random_factorized(self.vocab_size, self.branching, self.depth, num_classes=self.num_classes,
+                                     layout=self.layout, concentration=self.concentration, seed=self.seed)
+
+
+__all__ = ["GHMConfig", "from_dict", "load_toml", "to_toml", "field"]
