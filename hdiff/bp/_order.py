@@ -51,7 +51,7 @@ def to_internal(x: torch.Tensor, layout: str, branching: int, level: int) -> tor
     One transpose to ``(N * A, B)`` and one row gather: both move contiguous blocks.
     """
     B, A = x.shape[0], x.shape[-1]
-    t = x.reshape(B, -1).T.contiguous()
+    t = x.reshape(B, branching**level * A).T.contiguous()
     return t.index_select(0, _rows(layout, branching, level, A, x.device, False)).view(A, -1)
 
 
@@ -59,7 +59,7 @@ def from_internal(x: torch.Tensor, shape: tuple[int, ...], layout: str, branchin
     """Internal ``(A, N * B)`` -> user ``(B, *shape, A)`` with ``shape`` the level's node shape."""
     A = x.shape[0]
     B = x.shape[1] // branching**level
-    rows = x.reshape(-1, B).index_select(0, _rows(layout, branching, level, A, x.device, True))
+    rows = x.reshape(A * branching**level, B).index_select(0, _rows(layout, branching, level, A, x.device, True))
     return rows.T.reshape(B, *shape, A)
 
 

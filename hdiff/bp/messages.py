@@ -1,23 +1,21 @@
 """One level of belief propagation for each kernel family (BACKGROUND.md, "BP on a ... GHM").
 
-Messages are held in BP's internal order (:mod:`hdiff.bp._order`): a level is ``(A, N * B)``,
-``u[a, x] = p(evidence below node | a)`` up to a per-node constant, rescaled so that every node's
-largest entry is 1 (the caller keeps the log of each scale). Products over children are then
-taken in probability space, which needs no ``exp``/``log`` on the big tensors. When a product
-would leave a node with no representable entry (all below ``UNDERFLOW`` of the scale, e.g.
-evidence that contradicts the grammar by more than ~70 nats), that level is recomputed in log
-space, so float32 BP never turns a possible observation into an impossible one.
+Messages are held in BP's internal order (:mod:`hdiff.bp._order`) and in **log space**: a level is
+``(A, N * B)``, ``h[a, x] = log p(evidence below node | a)`` up to a per-node constant, shifted so
+that every node's largest entry is 0 (the caller keeps the shifts). ``-inf`` is an exact zero
+(hard evidence, zero weights); finite values never underflow, whatever the evidence, so BP
+stays exact when parts of the evidence contradict each other by thousands of nats.
+
+What is kept in probability space is only *normalised conditionals*: a production node's
+posterior over rules given its symbol and the evidence below, ``p(r | a, below)``, whose dropped
+entries (below 1e-38 of the best rule of the same symbol) are negligible by construction.
 
 Each family provides vectorised operations over (batch, nodes); the caller loops over levels:
 
-- ``upward(kernel, u_children) -> (h_parents, log_scale, cache)``: ``(C, s*M)`` -> ``(A, M)``
-  with ``M = N_parent * B``, the per-column log-scale ``(M,)`` and what the way down needs;
+- ``upward(kernel, h_children) -> (h_parents, log_shift, cache)``: ``(C, s*M)`` -> ``(A, M)``
+  with ``M = N_parent * B`` and the per-column shift ``(M,)``;
 - ``downward(kernel, p_parents, cache) -> p_children``: posterior marginals top-down;
 - ``sample_down(kernel, parents, cache, generator) -> children``: exact joint posterior sampling.
-
-The cache holds each node's unnormalised conditional of its children given its symbol and the
-evidence below (per rule for productions, per child for factorized kernels), so the top-down
-passes divide only by quantities that are zero exactly where the parent's posterior is zero.
 """
 
 from __future__ import annotations
@@ -32,10 +30,6 @@ import torch
 from hdiff.ghm._random import categorical
 from hdiff.ghm.kernels import FactorizedKernel, ProductionKernel
 
-#: a node whose best entry falls below this (relative to 1) is recomputed in log space
-UNDERFLOW = 1e-30
-
-
 @dataclass(frozen=True)
 class _ProductionConsts:
     gather: torch.Tensor  # (s, A * m): row rules[a, r, j] * s + j of the (C * s, M) children
@@ -44,6 +38,9 @@ class _ProductionConsts:
     log_weights: torch.Tensor  # (A, m, 1), for the log-space path
     rules: torch.Tensor  # (A, m, s)
 
+
+#: a factorized level whose q_j(a) falls below this is recomputed as an exact log-space sum
+REDO = 1e-30
 
 _CONSTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
@@ -80,24 +77,23 @@ def _transitions(k: FactorizedKernel, dtype: torch.dtype, device: torch.device) 
     return _cached(k, dtype, device, lambda: k.transitions.to(device=device, dtype=dtype))
 
 
-def rescale(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Divide each column of ``h`` ``(A, M)`` by its max -> (rescaled, log of the max ``(M,)``).
+def shift_to_max0(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subtract each column's max from ``h`` ``(A, M)`` in place -> (``h``, the max ``(M,)``).
 
-    Columns of zeros (impossible evidence) stay zero with log-scale ``-inf``.
+    Columns that are all ``-inf`` (impossible evidence) stay ``-inf`` with shift ``-inf``.
     """
     mx = h.amax(0)
-    return h / mx.clamp_min(torch.finfo(h.dtype).tiny), mx.log()
+    h.sub_(torch.where(torch.isfinite(mx), mx, 0.0))
+    return h, mx
 
 
-def rescale_log(h_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-space twin of :func:`rescale`: ``exp(h_log - max)`` and the max ``(M,)``."""
-    mx = h_log.amax(0)
-    return (h_log - torch.where(torch.isfinite(mx), mx, 0.0)).exp(), mx
-
-
-def _needs_log_space(scale: torch.Tensor) -> bool:
-    # Zero scales are either impossible evidence or underflow: recomputing in log space tells them apart.
-    return bool((scale < math.log(UNDERFLOW)).any())
+def _logsumexp_and_softmax(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logsumexp, softmax)`` of ``g`` along ``dim``, consuming ``g``; all-``-inf`` slices give ``(-inf, 0)``."""
+    mx = g.amax(dim, keepdim=True)
+    e = g.sub_(torch.where(torch.isfinite(mx), mx, 0.0)).exp_()
+    total = e.sum(dim, keepdim=True)
+    e.div_(torch.where(total > 0, total, 1.0))
+    return (mx + total.log()).squeeze(dim), e
 
 
 # ------------------------------------------------------------------------------ generic
@@ -121,39 +117,30 @@ def sample_down(kernel, parents: torch.Tensor, cache, generator: torch.Generator
 
 # --------------------------------------------------------------------------- production
 @upward.register
-def _(k: ProductionKernel, u: torch.Tensor):
-    # Inside recursion: h(a) = sum_r w[a, r] prod_j u_j(rules[a, r, j]).
-    c = _production_consts(k, u.dtype, u.device)
+def _(k: ProductionKernel, h: torch.Tensor):
+    # Inside recursion in log space: h(a) = logsumexp_r [log w[a, r] + sum_j h_j(rules[a, r, j])]
+    c = _production_consts(k, h.dtype, h.device)
     C, A, m, s = k.num_children, k.num_parents, k.num_rules, k.branching
-    M = u.shape[1] // s
-    rows = u.view(C * s, M)
-    terms = rows.index_select(0, c.gather[0])
-    for j in range(1, s):  # products over siblings, one gathered factor at a time (s is 2 or 4)
-        terms.mul_(rows.index_select(0, c.gather[j]))
-    terms = terms.view(A, m, M)
+    M = h.shape[1] // s
+    rows = h.view(C * s, M)
+    g = rows.index_select(0, c.gather[0])
+    for j in range(1, s):  # sums over siblings, one gathered term at a time (s is 2 or 4)
+        g.add_(rows.index_select(0, c.gather[j]))
+    g = g.view(A, m, M)
     if c.weights is not None:
-        terms.mul_(c.weights)
-    h_raw = terms.sum(1)
-    h, scale = rescale(h_raw)
-    if _needs_log_space(scale):
-        log_terms = u.log().view(C * s, M).index_select(0, c.gather.flatten()).view(s, A, m, M).sum(0) + c.log_weights
-        h_log = torch.logsumexp(log_terms, 1)
-        h, scale = rescale_log(h_log)
-        terms = (log_terms - torch.where(torch.isfinite(scale), scale, 0.0)).exp()
-        h_raw = terms.sum(1)  # == exp(h_log - scale), consistent with terms for the way down
-        h = h_raw
-    elif c.weights is None:
-        scale = scale + c.log_weight  # equal weights were left out of the products
-    return h, scale, (terms, h_raw)
+        g.add_(c.log_weights)
+    h_parent, rule_post = _logsumexp_and_softmax(g, 1)  # rule_post[a, r] = p(r | a, evidence below)
+    h_parent, shift = shift_to_max0(h_parent)
+    if c.weights is None:
+        shift = shift + c.log_weight  # equal weights were left out of the sums
+    return h_parent, shift, rule_post
 
 
 @downward.register
-def _(k: ProductionKernel, p: torch.Tensor, cache) -> torch.Tensor:
-    # p(child j = b) = sum_{a, r: rules[a, r, j] = b} p(a) * terms[a, r] / sum_r' terms[a, r'].
-    # p(a) = 0 wherever h(a) = 0, so clamping h only turns 0/0 into 0. Consumes the cache.
-    terms, h = cache
+def _(k: ProductionKernel, p: torch.Tensor, rule_post: torch.Tensor) -> torch.Tensor:
+    # p(child j = b) = sum_{a, r: rules[a, r, j] = b} p(a) p(r | a, below). Consumes the cache.
     c = _production_consts(k, p.dtype, p.device)
-    joint = terms.mul_((p / h.clamp_min(torch.finfo(h.dtype).tiny)).unsqueeze(1)).view(k.num_parents * k.num_rules, -1)
+    joint = rule_post.mul_(p.unsqueeze(1)).view(k.num_parents * k.num_rules, -1)
     child = torch.zeros(k.num_children * k.branching, joint.shape[1], dtype=p.dtype, device=p.device)
     for j in range(k.branching):  # scatter-add each rule's mass onto its j-th child's symbol
         child.index_add_(0, c.gather[j], joint)
@@ -161,43 +148,56 @@ def _(k: ProductionKernel, p: torch.Tensor, cache) -> torch.Tensor:
 
 
 @sample_down.register
-def _(k: ProductionKernel, parents: torch.Tensor, cache, generator) -> torch.Tensor:
-    terms, _ = cache
-    c = _production_consts(k, terms.dtype, terms.device)
+def _(k: ProductionKernel, parents: torch.Tensor, rule_post: torch.Tensor, generator) -> torch.Tensor:
+    c = _production_consts(k, rule_post.dtype, rule_post.device)
     M = parents.shape[0]
-    probs = terms.gather(0, parents.view(1, 1, M).expand(1, k.num_rules, M)).squeeze(0).T  # (M, m)
+    probs = rule_post.gather(0, parents.view(1, 1, M).expand(1, k.num_rules, M)).squeeze(0).T  # (M, m)
     rule = categorical(probs, generator=generator)
     return c.rules[parents, rule].T.reshape(-1)  # (s, M): child j of column x at j * M + x
 
 
 # --------------------------------------------------------------------------- factorized
 @upward.register
-def _(k: FactorizedKernel, u: torch.Tensor):
-    # q_j(a) = sum_b T_j(a, b) u_j(b);  h(a) = prod_j q_j(a)
-    t = _transitions(k, u.dtype, u.device)
+def _(k: FactorizedKernel, h: torch.Tensor):
+    # q_j(a) = log sum_b T_j(a, b) exp(h_j(b)); h(a) = sum_j q_j(a). Each child's h has max 0, so
+    # exp(h) cannot overflow and a matmul gives q exactly unless a row of T meets only children
+    # entries far below their max: then (q < REDO) that level is redone as a log-space sum.
+    t = _transitions(k, h.dtype, h.device)
     C, s = k.num_children, k.branching
-    uj = u.view(C, s, -1).transpose(0, 1)  # (s, C, M)
-    q = torch.matmul(t, uj)  # (s, A, M)
-    h = q.prod(0)
-    h, scale = rescale(h)
-    if _needs_log_space(scale):
-        h, scale = rescale_log(q.log().sum(0))
-    return h, scale, (uj, q)
+    hj = h.view(C, s, -1).transpose(0, 1)  # (s, C, M)
+    q = torch.matmul(t, hj.exp())  # (s, A, M)
+    if bool((q < REDO).any()):
+        log_t = torch.where(t > 0, t.log(), -math.inf)
+        log_q = torch.logsumexp(log_t.unsqueeze(-1) + hj.unsqueeze(1), dim=2)  # (s, A, C, M) -> (s, A, M)
+    else:
+        log_q = q.log()
+    h_parent, shift = shift_to_max0(log_q.sum(0))
+    return h_parent, shift, (hj, log_q)
 
 
 @downward.register
 def _(k: FactorizedKernel, p: torch.Tensor, cache) -> torch.Tensor:
-    # p(child j = b) = u_j(b) sum_a T_j(a, b) p(a) / q_j(a)
-    uj, q = cache
+    # p(child j = b) ∝ exp(h_j(b)) sum_a T_j(a, b) p(a) / exp(q_j(a)), in log space with a max shift over a
+    hj, log_q = cache
     t = _transitions(k, p.dtype, p.device)
-    ratio = p / q.clamp_min(torch.finfo(q.dtype).tiny)  # (s, A, M); p(a) = 0 wherever q_j(a) = 0
-    child = torch.matmul(t.transpose(1, 2), ratio).mul_(uj)  # (s, C, M)
+    pp = p.unsqueeze(0)
+    log_r = torch.where((pp > 0) & (log_q > -math.inf), pp.log() - log_q, -math.inf)  # (s, A, M); p = 0 wherever q = 0
+    mx = log_r.amax(1, keepdim=True)
+    w = torch.matmul(t.transpose(1, 2), (log_r - torch.where(torch.isfinite(mx), mx, 0.0)).exp_())  # (s, C, M)
+    if bool((w < REDO).any()):  # some b sees only terms far below the max over a: exact log-space sum
+        log_t = torch.where(t > 0, t.log(), -math.inf).transpose(1, 2)  # (s, C, A)
+        log_w = torch.logsumexp(log_t.unsqueeze(-1) + log_r.unsqueeze(1), dim=2)  # (s, C, M)
+    else:
+        log_w = w.log_() + mx
+    logit = hj + log_w
+    _, child = _logsumexp_and_softmax(logit, 1)
     return child.transpose(0, 1).reshape(k.num_children, -1)
 
 
 @sample_down.register
 def _(k: FactorizedKernel, parents: torch.Tensor, cache, generator) -> torch.Tensor:
-    uj, _ = cache
-    t = _transitions(k, uj.dtype, uj.device)
-    probs = t[:, parents] * uj.transpose(1, 2)  # (s, M, C) ∝ T_j(a, b) u_j(b)
+    hj, _ = cache
+    t = _transitions(k, hj.dtype, hj.device)
+    logit = torch.where(t > 0, t.log(), -math.inf)[:, parents] + hj.transpose(1, 2)  # (s, M, C): T_j(a, b) exp(h_j(b))
+    _, probs = _logsumexp_and_softmax(logit, -1)
     return categorical(probs, generator=generator).reshape(-1)

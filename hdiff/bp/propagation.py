@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hdiff.bp._order import from_internal, to_internal, tokens_from_internal
-from hdiff.bp.messages import downward, sample_down, upward
+from hdiff.bp.messages import _logsumexp_and_softmax, downward, sample_down, upward
 from hdiff.ghm._random import categorical
 from hdiff.ghm.model import GHM
 
@@ -60,25 +60,24 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor):
     leaf_log_lik = _check_evidence(ghm, leaf_log_lik)
     B = leaf_log_lik.shape[0]
     mx = leaf_log_lik.amax(-1)  # (B, *leaf_shape); NaN and +inf propagate into the max: one pass checks both
-    top = mx.max() if mx.numel() else mx.new_zeros(())
+    top = mx.max() if mx.numel() else mx.new_zeros(())  # B = 0 runs through with empty tensors
     if torch.isnan(top):
         raise ValueError("leaf_log_lik contains NaN")
     if top == torch.inf:
         raise ValueError("leaf_log_lik contains +inf (log-likelihoods must be < +inf)")
+    log_scale = mx.reshape(B, ghm.num_leaves).double().sum(1)  # float64: the shifts can be large and of both signs
     mx = torch.where(mx > -torch.inf, mx, 0.0)
-    log_scale = mx.reshape(B, -1).sum(1)
-    # to internal order, then u = exp(log-lik - max) in place: each leaf's largest entry is 1
-    u = to_internal(leaf_log_lik, ghm.layout, ghm.branching, ghm.depth)
-    shift = to_internal(mx.unsqueeze(-1), ghm.layout, ghm.branching, ghm.depth)  # (1, N * B)
-    u = u.sub_(shift).exp_()
+    # to internal order, then subtract each leaf's max in place: its largest entry becomes 0
+    h = to_internal(leaf_log_lik, ghm.layout, ghm.branching, ghm.depth)
+    h = h.sub_(to_internal(mx.unsqueeze(-1), ghm.layout, ghm.branching, ghm.depth))
     caches = [None] * ghm.depth
     for level in reversed(range(ghm.depth)):
-        u, scale, caches[level] = upward(ghm.kernels[level], u)
-        log_scale = log_scale + scale.view(-1, B).sum(0)
-    joint = ghm.root_prior.to(device=u.device, dtype=u.dtype).unsqueeze(1) * u  # (num_classes, B)
-    total = joint.sum(0)
-    root = joint / torch.where(total > 0, total, 1.0)
-    return root, log_scale + total.log(), caches
+        h, shift, caches[level] = upward(ghm.kernels[level], h)
+        log_scale = log_scale + shift.view(ghm.branching**level, B).double().sum(0)
+    prior = ghm.root_prior.to(device=h.device, dtype=h.dtype)
+    logits = h + torch.where(prior > 0, prior.log(), -torch.inf).unsqueeze(1)  # (num_classes, B)
+    lse, root = _logsumexp_and_softmax(logits, 0)
+    return root, (log_scale + lse).to(h.dtype), caches
 
 
 def log_evidence(ghm: GHM, leaf_log_lik: torch.Tensor) -> torch.Tensor:
@@ -122,7 +121,7 @@ def posterior(ghm: GHM, leaf_log_lik: torch.Tensor, *, levels: bool = False) -> 
 
     leaf = user(per_level[-1], ghm.depth)
     level_marginals = [user(q, l) for l, q in enumerate(per_level)] if levels else None
-    root_marginals = user(root, 0).view(B, -1)
+    root_marginals = user(root, 0).view(B, ghm.num_classes)
     return BPResult(leaf, log_ev, root_marginals, level_marginals)
 
 

@@ -58,8 +58,44 @@ def _children_options(kernel, parent: int) -> list[tuple[tuple[int, ...], float]
     return list(out.items())
 
 
+def count_trees(ghm: GHM) -> int:
+    """Number of complete trees with positive probability (an upper bound when rules repeat), by a
+    bottom-up count: ``N(a) = sum_r prod_j N(rules[a, r, j])`` or ``prod_j sum_{b: T_j(a, b) > 0} N(b)``."""
+    counts = [1] * ghm.vocab_size
+    for kernel in reversed(ghm.kernels):
+        if isinstance(kernel, ProductionKernel):
+            rules, positive = kernel.rules.tolist(), (kernel.weights > 0).tolist()
+            new = []
+            for a in range(kernel.num_parents):
+                total = 0
+                for r, tup in enumerate(rules[a]):
+                    if positive[a][r]:
+                        prod = 1
+                        for c in tup:
+                            prod *= counts[c]
+                        total += prod
+                new.append(total)
+        else:
+            support = (kernel.transitions > 0).tolist()
+            new = []
+            for a in range(kernel.num_parents):
+                prod = 1
+                for j in range(kernel.branching):
+                    prod *= sum(counts[b] for b, ok in enumerate(support[j][a]) if ok)
+                new.append(prod)
+        counts = new
+    return sum(c for c, p in zip(counts, ghm.root_prior.tolist()) if p > 0)
+
+
 def enumerate_trees(ghm: GHM, *, max_trees: int = MAX_TREES) -> Enumeration:
-    """Enumerate every complete tree (all levels' symbols) of a tiny GHM with its probability."""
+    """Enumerate every complete tree (all levels' symbols) of a tiny GHM with its probability.
+
+    Raises:
+        ValueError: when the GHM has more than ``max_trees`` trees (counted before any is built).
+    """
+    total = count_trees(ghm)
+    if total > max_trees:
+        raise ValueError(f"ghm is too large to enumerate ({total} trees > max_trees={max_trees})")
     ghm = ghm.to("cpu")
     trees: list[tuple[list[tuple[int, ...]], float]] = [
         ([(a,)], float(p)) for a, p in enumerate(ghm.root_prior.tolist()) if p > 0]
