@@ -1,4 +1,4 @@
-"""The ``hdiff`` command line: ``demo`` and ``sample`` (more arrive with training and evaluation)."""
+"""The ``hdiff`` command line: ``demo``, ``sample`` and ``train`` (more arrive with evaluation)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,80 @@ def _load_ghm(spec: str):
     raise ValueError(f"--ghm must be a saved GHM directory or a .toml config, got {spec!r}")
 
 
+def _same_ghm(a, b) -> bool:
+    """Whether two GHMs have the same layout, root prior and kernels (exactly)."""
+    import torch
+
+    if a.layout != b.layout or a.root_prior.shape != b.root_prior.shape or len(a.kernels) != len(b.kernels):
+        return False
+    if not torch.equal(a.root_prior.cpu(), b.root_prior.cpu()):
+        return False
+    for ka, kb in zip(a.kernels, b.kernels):
+        sa, sb = ka.state(), kb.state()
+        if type(ka) is not type(kb) or sa.keys() != sb.keys():
+            return False
+        if not all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa):
+            return False
+    return True
+
+
+_PROCESS_NAMES = {"masked": "masking", "uniform": "uniform", "gaussian": "gaussian"}  # CLI name -> process.kind
+
+
+def _sampling_denoiser(args: argparse.Namespace):
+    """``(ghm, process, denoiser)`` for ``hdiff sample``: the BP oracle, or a trained run directory.
+
+    A run directory brings its own GHM and noise process; ``--ghm`` / ``--process``, if given,
+    must agree with them. Resolves ``args.process`` to the name actually used.
+    """
+    from hdiff.noise import GaussianProcess, MaskingProcess, UniformProcess
+
+    if args.denoiser == "oracle":
+        from hdiff.denoisers import BPDenoiser
+
+        if args.ghm is None:
+            raise ValueError("--ghm is required with --denoiser oracle")
+        args.process = args.process or "masked"
+        ghm = _load_ghm(args.ghm)
+        classes = {"gaussian": GaussianProcess, "masked": MaskingProcess, "uniform": UniformProcess}
+        process = classes[args.process](ghm.vocab_size)
+        return ghm, process, BPDenoiser(ghm, process)
+    from hdiff.training import is_run_dir, load_trained
+    from hdiff.training.models import process_of
+
+    if not is_run_dir(args.denoiser):
+        raise ValueError("--denoiser must be 'oracle' or a trained run directory (hdiff train --out), "
+                         f"got {args.denoiser!r}")
+    model, ghm, cfg = load_trained(args.denoiser)
+    if args.ghm is not None and not _same_ghm(_load_ghm(args.ghm), ghm):
+        raise ValueError(f"--ghm {args.ghm!r} is not the GHM the model in {args.denoiser!r} was trained on")
+    name = {kind: cli for cli, kind in _PROCESS_NAMES.items()}[cfg.noise.process]
+    if args.process not in (None, name):
+        raise ValueError(f"--process {args.process}: the model in {args.denoiser!r} was trained with {name} noise")
+    args.process = name
+    model.requires_grad_(False)  # the pipeline runs under no_grad anyway; this also keeps autograd out of hooks
+    return ghm, process_of(model, ghm.vocab_size), model
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hdiff.training import load_train_config, train
+
+    cfg = load_train_config(args.config)
+    overrides = {"data.n_train": args.n_train, "optim.max_steps": args.max_steps}
+    cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out or Path("outputs") / "train" / Path(args.config).stem)
+    result = train(cfg, out, resume=args.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`: one report, from the main process
+        return 0
+    print(f"trained {result.step} steps in {result.time_s:.1f} s: loss {result.loss}, "
+          f"held-out {result.heldout_loss} (EMA), {result.heldout_loss_raw} (raw) -> {out}")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -44,18 +118,12 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from hdiff.denoisers import BPDenoiser
     from hdiff.evaluation.plots import plot_tokens
     from hdiff.evaluation.samples import sample_metrics
-    from hdiff.noise import GaussianProcess, MaskingProcess, UniformProcess
     from hdiff.sampling import HierarchicalDiffusionPipeline
     from hdiff.schedulers.factory import make_scheduler, scheduler_options
 
-    ghm = _load_ghm(args.ghm)
-    process = {"gaussian": GaussianProcess, "masked": MaskingProcess, "uniform": UniformProcess}[args.process](ghm.vocab_size)
-    if args.denoiser != "oracle":
-        raise ValueError("--denoiser: only 'oracle' is available (learned denoisers arrive with training)")
-    denoiser = BPDenoiser(ghm, process)
+    ghm, process, denoiser = _sampling_denoiser(args)
     scheduler = make_scheduler(args.scheduler, prediction_type=args.prediction_type, unmasking=args.unmasking)
     pipe = HierarchicalDiffusionPipeline(denoiser, scheduler, process)
     gen = torch.Generator().manual_seed(args.seed)
@@ -65,8 +133,8 @@ def _sample(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(tokens, out / "tokens.pt")
     np.save(out / "tokens.npy", tokens.numpy())
-    metrics = {"ghm": repr(ghm), "process": args.process, "scheduler": args.scheduler, "steps": args.steps,
-               "x0_mode": args.x0_mode, "seed": args.seed, **sample_metrics(ghm, tokens)}
+    metrics = {"ghm": repr(ghm), "denoiser": args.denoiser, "process": args.process, "scheduler": args.scheduler,
+               "steps": args.steps, "x0_mode": args.x0_mode, "seed": args.seed, **sample_metrics(ghm, tokens)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_tokens(tokens, ghm.vocab_size, out / "samples.png",
                 title=f"{args.denoiser}, {args.process} noise, {args.scheduler} x {args.steps}")
@@ -83,9 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     smp = sub.add_parser("sample", help="reverse diffusion with a denoiser through a scheduler")
-    smp.add_argument("--ghm", required=True, help="saved GHM directory or a TOML config with a [ghm] table")
-    smp.add_argument("--denoiser", default="oracle", help="'oracle' (exact BP)")
-    smp.add_argument("--process", choices=["masked", "uniform", "gaussian"], default="masked")
+    smp.add_argument("--ghm", help="saved GHM directory or a TOML config with a [ghm] table "
+                     "(required with the oracle; a trained run brings its own)")
+    smp.add_argument("--denoiser", default="oracle",
+                     help="'oracle' (exact BP) or a trained run directory (hdiff train --out)")
+    smp.add_argument("--process", choices=["masked", "uniform", "gaussian"], default=None,
+                     help="noise process (default: masked; a trained run's own)")
     smp.add_argument("--scheduler", default="masked",
                      help="ddpm | ddim | euler | dpmsolver (gaussian); masked (masked); uniform | discrete-ddim (uniform)")
     smp.add_argument("--steps", type=int, default=64)
@@ -96,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", required=True)
     smp.set_defaults(func=_sample)
+
+    trn = sub.add_parser("train", help="train a learned denoiser on n samples of a GHM (accelerate; checkpoints)")
+    trn.add_argument("--config", required=True, help="TOML training config, e.g. configs/train_demo.toml")
+    trn.add_argument("--n-train", type=int, default=None, help="override data.n_train")
+    trn.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
+    trn.add_argument("--out", default=None, help="run directory (default: outputs/train/<config name>)")
+    trn.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    trn.set_defaults(func=_train)
     return parser
 
 

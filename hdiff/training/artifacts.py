@@ -1,0 +1,87 @@
+"""What a finished run leaves behind, and how to load it back.
+
+``OUT/model/`` (``save_pretrained`` of the EMA weights: the model to sample with),
+``OUT/model_raw/`` (the raw weights of the last step), ``OUT/config.toml`` (the resolved
+:class:`TrainConfig`), ``OUT/ghm/`` (``GHM.save``: the data distribution, for the oracle and the
+metrics), ``OUT/train_meta.json`` (training-set seed and size, steps, final losses, time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hdiff.ghm import GHM
+from hdiff.training.config import TrainConfig, load_train_config, train_config_to_toml
+from hdiff.training.models import model_class
+
+MODEL_DIR = "model"
+RAW_MODEL_DIR = "model_raw"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_pretrained_atomic(model: Any, directory: Path) -> None:
+    """``model.save_pretrained`` into a temporary directory, then swap it in: never half a model."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def write_run_description(out: Path, cfg: TrainConfig, ghm: GHM) -> None:
+    """``OUT/config.toml`` and ``OUT/ghm/``: written when a run starts, so even a crashed run says what it was."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.toml", train_config_to_toml(cfg))
+    ghm.save(out / "ghm")
+
+
+def save_final(out: Path, cfg: TrainConfig, ghm: GHM, ema_model: Any, raw_model: Any, meta: dict[str, Any]) -> None:
+    """Write every final artifact of a run (main process only)."""
+    write_run_description(out, cfg, ghm)
+    save_pretrained_atomic(ema_model, out / MODEL_DIR)
+    save_pretrained_atomic(raw_model, out / RAW_MODEL_DIR)
+    write_text_atomic(out / "train_meta.json", json.dumps(meta, indent=2))
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a finished training run (``config.toml`` and ``model/``)."""
+    p = Path(path)
+    return (p / "config.toml").is_file() and (p / MODEL_DIR).is_dir()
+
+
+def load_trained(out: str | os.PathLike, *, raw: bool = False,
+                 device: torch.device | str = "cpu") -> tuple[torch.nn.Module, GHM, TrainConfig]:
+    """Load a finished run.
+
+    Args:
+        out: the run directory written by :func:`hdiff.training.train`.
+        raw: load the last step's raw weights instead of the EMA weights.
+        device: where to put the model and the GHM.
+
+    Returns:
+        ``(model, ghm, config)``; the model is in eval mode: ``model(x_t, alpha)`` gives
+        ``log p(x0 | x_t)`` ``(B, v, *leaf_shape)``.
+
+    Raises:
+        ValueError: ``out`` is not a finished run directory.
+    """
+    p = Path(out)
+    if not is_run_dir(p):
+        raise ValueError(f"{str(p)!r} is not a trained run directory (expected config.toml and {MODEL_DIR}/)")
+    cfg = load_train_config(p / "config.toml")
+    model = model_class(cfg.model.kind, cfg.ghm.layout).from_pretrained(str(p / (RAW_MODEL_DIR if raw else MODEL_DIR)))
+    model = model.to(device).eval()
+    return model, GHM.load(p / "ghm", device=device), cfg

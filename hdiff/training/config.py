@@ -1,0 +1,186 @@
+"""The training config: one TOML file, one dataclass per table, validated on construction.
+
+``TrainConfig`` is built with :func:`hdiff.config.from_dict` / :func:`load_toml` (unknown keys:
+``ValueError`` naming the key; wrong types: ``TypeError``) and then checked for values that are
+well-typed but meaningless (``n_train < batch_size``, a negative learning rate, ...), each error
+naming its field as ``table.key``. The resolved config is written back with :func:`to_toml` next
+to every trained model, so a run directory says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hdiff.config import GHMConfig, from_dict, load_toml, to_toml
+
+
+@dataclass
+class ModelConfig:
+    """The network. ``kind`` picks a class from :mod:`hdiff.training.models` (``tree_unet``:
+    :class:`~hdiff.denoisers.TreeUNet`; ``unet_baseline``: ``UNet1DBaseline`` / ``UNet2DBaseline`` by
+    layout). The GHM's ``vocab_size``, ``branching``, ``depth``, ``layout`` and the noise ``process``
+    are filled in from the other tables (where the class takes them); ``channels`` (one width, or one
+    per level; unset: the class default) and every entry of ``options`` go to the constructor as
+    they are, e.g. ``options.block_out_channels`` for the baselines."""
+
+    kind: str = "tree_unet"
+    channels: int | list[int] | None = 64
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NoiseConfig:
+    """The forward process and how training draws noise levels.
+
+    ``t ~ U(t_min, 1)``; ``schedule`` maps it to the signal level ``alpha``: ``linear``
+    ``alpha = 1 - t`` (the default of the discrete processes), ``cosine`` ``alpha = alpha_bar(t)``
+    of Nichol & Dhariwal (2021) (the default for Gaussian), ``auto`` picks by process.
+    ``elbo_weight`` (masking only) weights the cross-entropy of masked leaves by
+    ``-alpha'(t) / (1 - alpha(t))`` (``1/t`` for linear): the MDLM bound (Sahoo et al. 2024).
+    """
+
+    process: Literal["gaussian", "masking", "uniform"] = "masking"
+    schedule: Literal["auto", "linear", "cosine"] = "auto"
+    elbo_weight: bool = False
+    t_min: float = 1e-3
+
+
+@dataclass
+class DataConfig:
+    """``n_train`` GHM samples drawn with ``data_seed`` (the training set) and ``n_heldout`` others
+    from a separate stream, disjoint from the training set (:mod:`hdiff.training.data`)."""
+
+    n_train: int = 512
+    n_heldout: int = 512
+    data_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to 0, gradient clipping, EMA of the weights.
+
+    ``max_steps`` counts optimizer steps; ``batch_size`` is per process. ``grad_clip = 0`` turns
+    clipping off; ``ema_decay`` is the EMA's ceiling (diffusers ``EMAModel`` ramps up to it).
+    """
+
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    batch_size: int = 128
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class RunConfig:
+    """Seeds and cadences. ``seed`` drives the weight init, the data order and the noise draws."""
+
+    seed: int = 0
+    checkpoint_every: int = 500
+    eval_every: int = 250
+    log_every: int = 50
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the tables of ``configs/train_*.toml``."""
+
+    ghm: GHMConfig = field(default_factory=GHMConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming the first bad field."""
+        if not isinstance(self.model.options, dict):
+            raise TypeError(f"model.options must be a table, got {type(self.model.options).__name__}")
+        ch = self.model.channels
+        if ch is not None and not all(c >= 1 for c in (ch if isinstance(ch, list) else [ch])):
+            raise ValueError(f"model.channels must be positive, got {ch}")
+        for name in ("data.n_train", "data.n_heldout", "optim.max_steps", "optim.batch_size",
+                     "run.checkpoint_every", "run.eval_every", "run.log_every", "run.keep_checkpoints"):
+            _positive(self, name)
+        for name in ("optim.warmup_steps", "run.num_workers"):
+            if _get(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {_get(self, name)}")
+        if self.data.n_train < self.optim.batch_size:
+            raise ValueError(f"data.n_train ({self.data.n_train}) must be at least optim.batch_size "
+                             f"({self.optim.batch_size}): every step draws a full batch from the training set")
+        o = self.optim
+        if not o.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {o.lr}")
+        if o.weight_decay < 0 or o.eps <= 0 or o.grad_clip < 0:
+            raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if not 0 <= o.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
+        if not 0 <= self.noise.t_min < 1:
+            raise ValueError(f"noise.t_min must lie in [0, 1), got {self.noise.t_min}")
+        if self.noise.elbo_weight and self.noise.process != "masking":
+            # the uniform and Gaussian bounds are not weighted cross-entropies; refuse rather than fake one
+            raise ValueError("noise.elbo_weight is only defined for noise.process = 'masking'")
+        if self.noise.elbo_weight and self.noise.t_min <= 0:
+            raise ValueError("noise.t_min must be > 0 with noise.elbo_weight (the weight 1/t diverges at t = 0)")
+
+    @property
+    def schedule(self) -> str:
+        """The resolved alpha schedule: ``linear`` or ``cosine``."""
+        if self.noise.schedule != "auto":
+            return self.noise.schedule
+        return "cosine" if self.noise.process == "gaussian" else "linear"
+
+    def replace(self, **dotted: Any) -> "TrainConfig":
+        """A validated copy with fields overridden by dotted names, e.g. ``replace(**{"data.n_train": 64})``."""
+        new = copy.deepcopy(self)
+        for name, value in dotted.items():
+            table, _, key = name.rpartition(".")
+            try:
+                target = _get(new, table) if table else new
+            except AttributeError:
+                target = None
+            if not is_dataclass(target) or key not in {f.name for f in fields(target)}:
+                raise ValueError(f"unknown config field {name!r}")
+            setattr(target, key, value)
+        return from_dict(TrainConfig, dataclasses.asdict(new), "config")  # re-checks types and values
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _positive(cfg: TrainConfig, dotted: str) -> None:
+    if _get(cfg, dotted) < 1:
+        raise ValueError(f"{dotted} must be >= 1, got {_get(cfg, dotted)}")
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training config from a TOML file."""
+    return load_toml(TrainConfig, path)
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build and validate a training config from a nested dict (the parsed TOML)."""
+    return from_dict(TrainConfig, data, "config")
+
+
+def train_config_to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML (what ``OUT/config.toml`` holds)."""
+    return to_toml(cfg)

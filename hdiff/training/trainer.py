@@ -1,0 +1,242 @@
+"""The training loop: accelerate, AdamW, warmup + cosine, clipping, EMA, checkpoints, resume.
+
+Single CPU process by default; the same code runs under ``accelerate launch`` on GPUs or nodes
+(each process draws ``optim.batch_size`` samples per step, so the global batch is that times the
+number of processes). Structure after diffusers' ``train_unconditional.py``.
+
+Reproducibility: every random draw of a step comes from state the checkpoint holds: the weights
+init (``run.seed``), the data order (a pure function of ``(run.seed, batch index)``, see
+:class:`~hdiff.training.data.StepBatchSampler`), the noise and time draws (one ``torch.Generator``
+per process, saved), and accelerate's global RNG states (dropout, if any). So a run interrupted
+and resumed from its latest checkpoint ends bit-identical (on the same hardware) to an
+uninterrupted one, and its ``log.jsonl`` has the same records.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hdiff.training.artifacts import MODEL_DIR, RAW_MODEL_DIR, save_final, write_run_description
+from hdiff.training.checkpoint import JsonlLog, latest_checkpoint, load_checkpoint, save_checkpoint
+from hdiff.training.config import TrainConfig, load_train_config
+from hdiff.training.data import GHMDataset, StepBatchSampler, identity_collate, stream_seed
+from hdiff.training.loss import diffusion_loss, evaluation_loss
+from hdiff.training.models import PROCESSES, build_model
+
+# sub-streams of run.seed, so that no two random sources share a sequence
+_NOISE_STREAM, _EVAL_STREAM = 1000, 999
+#: config fields a resumed run may change (cadences, the length); anything else changes what is trained
+_RESUMABLE = ("optim.max_steps", "run.checkpoint_every", "run.eval_every", "run.log_every", "run.keep_checkpoints",
+              "run.num_workers")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        out: the run directory.
+        step: optimizer steps completed.
+        loss: the last logged training loss (nats per leaf), None if nothing was logged.
+        heldout_loss: held-out loss of the EMA weights at the end.
+        heldout_loss_raw: held-out loss of the raw weights at the end.
+        time_s: training wall time, summed over resumed segments.
+    """
+
+    out: Path
+    step: int
+    loss: float | None
+    heldout_loss: float | None
+    heldout_loss_raw: float | None
+    time_s: float
+
+
+def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Dotted names of the fields where ``a`` and ``b`` differ."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "options":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> tuple[int, Path] | None:
+    """The checkpoint to resume from (or None); refuse to overwrite a run or to resume a different one."""
+    latest = latest_checkpoint(out)
+    if not resume:
+        if latest is not None or (out / MODEL_DIR).exists():
+            raise ValueError(f"{str(out)!r} already holds a training run (checkpoints/ or {MODEL_DIR}/): "
+                             "pass --resume to continue it, or choose another --out")
+        return None
+    if (out / "config.toml").is_file():
+        changed = [k for k in config_differences(load_train_config(out / "config.toml"), cfg)
+                   if k not in _RESUMABLE]
+        if changed:
+            raise ValueError(f"cannot resume {str(out)!r}: the config differs from its config.toml in {changed} "
+                             f"(only {', '.join(_RESUMABLE)} may change on resume)")
+    return latest
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    # cpu=True when there is no GPU keeps accelerate from probing other backends
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.run.mixed_precision)
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
+          callback: Callable[[int], None] | None = None, progress: bool | None = None) -> TrainResult:
+    """Train a denoiser on ``cfg.data.n_train`` samples of ``cfg.ghm`` and save it in ``out``.
+
+    Args:
+        cfg: the resolved config.
+        out: the run directory (created); see :mod:`hdiff.training.artifacts` for its contents.
+        resume: continue from the latest complete checkpoint in ``out`` (a fresh start if there is
+            none); without it, ``out`` must not hold a run already.
+        callback: called with the step number after every step (after logging and checkpointing);
+            an exception raised there interrupts the run like a crash would.
+        progress: show the tqdm bar; None shows it on an interactive terminal only.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: ``out`` holds a run and ``resume`` is False, or holds one with another config.
+    """
+    out = Path(out)
+    latest = _check_out_dir(out, cfg, resume)
+    acc = _make_accelerator(cfg)
+    ghm = cfg.ghm.build()
+    train_set, heldout_set = GHMDataset.split(ghm, cfg.data.n_train, cfg.data.n_heldout, seed=cfg.data.data_seed)
+    log = JsonlLog(out / "log.jsonl")
+    if acc.is_main_process:
+        write_run_description(out, cfg, ghm)
+        log.truncate_after(latest[0] if latest else 0)  # records past the checkpoint are redone, not duplicated
+    acc.wait_for_everyone()
+
+    o, n_proc = cfg.optim, acc.num_processes
+    process = PROCESSES[cfg.noise.process](ghm.vocab_size)
+    model = build_model(cfg, ghm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * n_proc, o.max_steps * n_proc)
+    model, optimizer, lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
+    raw = acc.unwrap_model(model)
+    ema = EMAModel(raw.parameters(), decay=o.ema_decay)
+    acc.register_for_checkpointing(ema)
+    eval_model = copy.deepcopy(raw).eval().requires_grad_(False)  # holds the EMA weights for eval and saving
+
+    noise_seed = stream_seed(cfg.run.seed, _NOISE_STREAM + acc.process_index)  # each process its own noise
+    noise_rng = torch.Generator(device=acc.device).manual_seed(noise_seed)
+    state = {"step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0}
+    if latest is not None:
+        saved = load_checkpoint(acc, latest[1])
+        ema.to(acc.device)  # accelerate loads registered objects onto the CPU
+        rng_state = saved.pop("noise_rng")
+        if rng_state is not None:
+            noise_rng.set_state(rng_state)
+        state.update({k: saved[k] for k in state})
+
+    step = state["step"]
+    sampler = StepBatchSampler(len(train_set), o.batch_size, seed=cfg.run.seed, start=step * n_proc,
+                               count=max(0, o.max_steps - step) * n_proc)
+    loader = acc.prepare(DataLoader(train_set, batch_sampler=sampler, collate_fn=identity_collate,
+                                    num_workers=cfg.run.num_workers))
+    loss_kw = dict(schedule=cfg.schedule, t_min=cfg.noise.t_min, elbo=cfg.noise.elbo_weight)
+
+    def evaluate() -> dict[str, float]:
+        ema.copy_to(eval_model.parameters())
+        kw = dict(process=process, batch_size=o.batch_size, seed=stream_seed(cfg.run.seed, _EVAL_STREAM),
+                  device=acc.device, **loss_kw)
+        raw.eval()
+        try:
+            return {"heldout_loss": evaluation_loss(eval_model, heldout_set.tokens, **kw),
+                    "heldout_loss_raw": evaluation_loss(raw, heldout_set.tokens, **kw),
+                    "train_eval_loss": evaluation_loss(eval_model, train_set.tokens[:len(heldout_set)], **kw)}
+        finally:
+            raw.train()
+
+    show = progress if progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=o.max_steps, initial=step, desc="train", dynamic_ncols=True,
+               disable=not (show and acc.is_local_main_process))
+    t0, last = time.monotonic() - state["elapsed"], {}
+    loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64, device=acc.device)
+    model.train()
+    try:
+        for x0 in loader:
+            loss = diffusion_loss(model, x0, process, generator=noise_rng, **loss_kw)
+            acc.backward(loss)
+            if o.grad_clip > 0:
+                acc.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(raw.parameters())
+            step += 1
+            loss_sum += loss.detach().double()  # summed on the device: no host sync per step
+            state["loss_count"] += 1
+            bar.update(1)
+            last = _maybe_log(step, cfg, acc, log, loss_sum, state, lr_scheduler, evaluate, t0, bar) or last
+            if step % cfg.run.checkpoint_every == 0 or step == o.max_steps:
+                state.update(step=step, elapsed=time.monotonic() - t0, loss_sum=float(loss_sum))
+                save_checkpoint(acc, out, step, {**state, "noise_rng": noise_rng.get_state()},
+                                keep=cfg.run.keep_checkpoints)
+            if callback is not None:
+                callback(step)
+    finally:
+        bar.close()
+    elapsed = time.monotonic() - t0
+    if acc.is_main_process:
+        if "heldout_loss" not in last:  # resumed at max_steps: nothing ran; report the final losses anyway
+            last = {**(log.read() or [{}])[-1], **evaluate()}
+        ema.copy_to(eval_model.parameters())
+        meta = {"n_train": cfg.data.n_train, "n_heldout": cfg.data.n_heldout, "data_seed": cfg.data.data_seed,
+                "heldout_seed": heldout_set.seed, "steps": step, "num_processes": n_proc,
+                "global_batch_size": o.batch_size * n_proc, "model_kind": cfg.model.kind,
+                "weights": {MODEL_DIR: "EMA", RAW_MODEL_DIR: "raw (last step)"}, "time_s": elapsed,
+                **{f"final_{k}": last.get(k) for k in ("loss", "heldout_loss", "heldout_loss_raw", "train_eval_loss")}}
+        save_final(out, cfg, ghm, eval_model, raw, meta)
+    acc.wait_for_everyone()
+    return TrainResult(out, step, last.get("loss"), last.get("heldout_loss"), last.get("heldout_loss_raw"), elapsed)
+
+
+def _maybe_log(step: int, cfg: TrainConfig, acc, log: JsonlLog, loss_sum: torch.Tensor, state: dict,
+               lr_scheduler, evaluate: Callable[[], dict], t0: float, bar) -> dict | None:
+    """Write a log record at log / eval steps and the last step; reset the loss window. Returns the record."""
+    r = cfg.run
+    is_eval = step % r.eval_every == 0 or step == cfg.optim.max_steps
+    if not (step % r.log_every == 0 or is_eval):
+        return None
+    window = acc.reduce(loss_sum / state["loss_count"], "mean")  # mean over the window and the processes
+    record = {"step": step, "loss": float(window), "lr": lr_scheduler.get_last_lr()[0]}
+    loss_sum.zero_()
+    state["loss_count"] = 0
+    if is_eval and acc.is_main_process:
+        record.update(evaluate())
+    record["time"] = time.monotonic() - t0
+    if acc.is_main_process:
+        log.append(record)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "heldout_loss")})
+    acc.wait_for_everyone()
+    return record

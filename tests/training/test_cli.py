@@ -1,0 +1,58 @@
+"""``hdiff train`` end to end on a tiny config, then ``hdiff sample --denoiser <run dir>``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hdiff.cli import main
+from hdiff.training import train_config_to_toml
+
+from .conftest import tiny_config
+
+
+def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(train_config_to_toml(tiny_config(run={"checkpoint_every": 10, "eval_every": 10})))
+    out = tmp_path / "run"
+    args = ["train", "--config", str(config), "--out", str(out), "--n-train", "128", "--max-steps", "20"]
+    assert main(args) == 0
+    assert "trained 20 steps" in capsys.readouterr().out
+    for name in ("model/config.json", "model_raw/config.json", "config.toml", "ghm/ghm.json", "train_meta.json",
+                 "log.jsonl", "checkpoints/step_000020"):
+        assert (out / name).exists(), name
+    meta = json.loads((out / "train_meta.json").read_text())
+    assert meta["n_train"] == 128 and meta["steps"] == 20  # the command-line overrides won
+    assert "n_train = 128" in (out / "config.toml").read_text()
+
+    with pytest.raises(ValueError, match="--resume"):
+        main(args)
+    assert main(args[:-1] + ["30", "--resume"]) == 0  # extend the run by 10 steps
+    assert json.loads((out / "train_meta.json").read_text())["steps"] == 30
+
+    samples = tmp_path / "samples"
+    assert main(["sample", "--denoiser", str(out), "--num", "32", "--steps", "8", "--out", str(samples)]) == 0
+    metrics = json.loads((samples / "metrics.json").read_text())
+    assert metrics["process"] == "masked" and metrics["denoiser"] == str(out)
+    assert 0.0 <= metrics["valid_fraction"] <= 1.0
+    with pytest.raises(ValueError, match="trained with masked noise"):
+        main(["sample", "--denoiser", str(out), "--process", "uniform", "--out", str(samples)])
+
+
+def test_sample_needs_a_ghm_for_the_oracle_and_a_run_dir_otherwise(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--ghm is required"):
+        main(["sample", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="trained run directory"):
+        main(["sample", "--denoiser", str(tmp_path), "--out", str(tmp_path / "s")])
+
+
+def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(train_config_to_toml(tiny_config()) + "\n[extra]\nx = 1\n")
+    with pytest.raises(ValueError, match="extra"):
+        main(["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    config.write_text(train_config_to_toml(tiny_config()).replace("batch_size = 32", 'batch_size = "32"'))
+    with pytest.raises(TypeError, match="batch_size"):
+        main(["train", "--config", str(config), "--out", str(tmp_path / "run")])

@@ -1,0 +1,59 @@
+"""The training objective: schedules, the ELBO weight, and the BP oracle as its minimiser."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hdiff.denoisers import BPDenoiser
+from hdiff.ghm import GHM
+from hdiff.noise import MaskingProcess, UniformProcess
+from hdiff.training import alpha_of_t, diffusion_loss, elbo_weight, evaluation_loss
+
+
+def test_schedules() -> None:
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(alpha_of_t(t, "linear", gaussian=False), torch.tensor([1.0, 0.5, 0.0]))
+    cos = alpha_of_t(t, "cosine", gaussian=True)
+    assert cos[0] == pytest.approx(1.0) and cos[2] < 1e-6 and (cos.diff() < 0).all()
+    assert torch.allclose(elbo_weight(t[1:2], "linear"), torch.tensor([2.0]))
+    # -alpha'/(1 - alpha) for alpha = cos^2(pi t / 2), by finite differences
+    s, h = torch.tensor([0.3], dtype=torch.float64), 1e-6
+    a = lambda x: alpha_of_t(x, "cosine", gaussian=False)  # noqa: E731
+    fd = -(a(s + h) - a(s - h)) / (2 * h) / (1 - a(s))
+    assert torch.allclose(elbo_weight(s, "cosine"), fd, rtol=1e-5)
+
+
+def test_masked_loss_counts_only_masked_leaves() -> None:
+    p = MaskingProcess(4)
+    x0 = torch.randint(0, 4, (64, 8), generator=torch.Generator().manual_seed(0))
+
+    def uniform_model(x_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        # uniform where masked, certain of the observed token where kept
+        known = torch.nn.functional.one_hot(x_t.clamp(max=3), 4).movedim(-1, 1).float().log()
+        return torch.where((x_t == 4).unsqueeze(1), math.log(1 / 4), known)
+
+    loss = diffusion_loss(uniform_model, x0, p, schedule="linear", t_min=1e-3, elbo=False,
+                          generator=torch.Generator().manual_seed(1))
+    assert loss.item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_oracle_elbo_is_the_entropy_per_leaf() -> None:
+    """With the exact BP posterior the MDLM bound is tight: its mean is H(x) / num_leaves."""
+    ghm = GHM.random_hierarchy(4, 2, 2, 2, seed=0)
+    p = MaskingProcess(4)
+    x = ghm.sample(4096, generator=torch.Generator().manual_seed(0))
+    est = evaluation_loss(BPDenoiser(ghm, p), x, p, schedule="linear", t_min=1e-4, elbo=True,
+                          batch_size=4096, seed=0, device=torch.device("cpu"))
+    exact = ghm.entropy().nats / ghm.num_leaves
+    assert est == pytest.approx(exact, abs=0.03)
+
+
+def test_uniform_loss_is_the_mean_over_all_leaves() -> None:
+    p = UniformProcess(4)
+    x0 = torch.zeros(8, 4, dtype=torch.long)
+    flat = lambda x_t, alpha: torch.full((x_t.shape[0], 4, *x_t.shape[1:]), math.log(1 / 4))  # noqa: E731
+    loss = diffusion_loss(flat, x0, p, schedule="linear", t_min=0.0, elbo=False, generator=torch.Generator())
+    assert loss.item() == pytest.approx(math.log(4))
