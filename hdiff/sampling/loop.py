@@ -14,6 +14,7 @@ from hdiff.schedulers.adapter import DiffusersModel
 X0_MODES = ("marginal", "joint")
 
 
+@torch.no_grad()  # never build an autograd graph across steps, even for learned denoisers
 def sample(denoiser: Denoiser, scheduler, *, batch_size: int, num_inference_steps: int,
            leaf_shape: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
            x0_mode: str = "marginal", step_kwargs: dict | None = None, alpha_fn: Callable | None = None,

@@ -1,0 +1,175 @@
+"""Learned-denoiser speed: forward ms of the tree U-Net and the diffusers baseline beside the BP oracle.
+
+Cases (masking noise, each sample at its own signal level alpha ~ U(0, 1), the same x_t for every
+denoiser of a case):
+
+- B1: sequence RHM v=16, m=4, s=2, L=8 (256 leaves), batch 256 (the BP benchmark's B1)
+- demo: sequence RHM v=8, m=2, s=2, L=4 (16 leaves), batch 128 (configs/demo_ghm.toml)
+
+Denoisers: ``TreeUNet`` (channels 64, noise embedding 64), ``UNet1DBaseline`` (diffusers
+UNet1DModel, default config), ``BPDenoiser`` (the exact oracle); forward under
+``torch.inference_mode`` in eval mode. Training: ms per step (draw alpha and x_t, forward,
+``nll_loss``, backward, AdamW step) at batch 128 on the demo GHM, for the tree U-Net (width 64)
+with fused AdamW and with torch's default AdamW (a loop over parameter tensors on CPU), and the
+baseline with fused AdamW.
+
+Timing: one warm-up call each, then the median (and min) of ``--repeats`` rounds, calls
+interleaved within a round so that load from other processes hits every model alike.
+``--threads 1 2`` runs everything once per intra-op thread count (default: torch's, left as
+is); on a loaded 2-core machine one thread is the robust choice for these small tensors. Writes
+``benchmarks/results/models.json`` atomically and prints a table.
+
+Run: ``.venv/bin/python benchmarks/bench_models.py [--quick] [--threads 1 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+from hdiff.denoisers import BPDenoiser, TreeUNet, UNet1DBaseline
+from hdiff.ghm import GHM
+from hdiff.noise import MaskingProcess
+from hdiff.runtime import keep_freed_memory
+
+CASES: dict[str, dict[str, int]] = {
+    "B1": dict(v=16, m=4, s=2, L=8, batch=256),
+    "demo": dict(v=8, m=2, s=2, L=4, batch=128),
+}
+WIDTH = 64
+TRAIN_BATCH = 128
+
+
+def bench(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
+    """Median and min ms of each call: one warm-up each, then ``repeats`` interleaved rounds."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
+
+
+def make_models(c: dict[str, int]) -> tuple[GHM, dict[str, Any]]:
+    ghm = GHM.random_hierarchy(c["v"], c["m"], c["s"], c["L"], seed=0)
+    torch.manual_seed(0)
+    models = {
+        "tree_unet": TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).eval(),
+        "unet1d": UNet1DBaseline(c["v"], "masking", c["s"], c["L"]).eval(),
+        "bp_oracle": BPDenoiser(ghm, MaskingProcess(c["v"])),
+    }
+    return ghm, models
+
+
+def num_params(model: Any) -> int | None:
+    return sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else None
+
+
+def forward_case(name: str, c: dict[str, int], repeats: int) -> list[dict[str, Any]]:
+    ghm, models = make_models(c)
+    g = torch.Generator().manual_seed(1)
+    x0 = ghm.sample(c["batch"], generator=g)
+    alpha = torch.rand(c["batch"], generator=g)
+    x_t = MaskingProcess(c["v"]).add_noise(x0, alpha, generator=g)
+    with torch.inference_mode():
+        times = bench({k: (lambda m=m: m(x_t, alpha)) for k, m in models.items()}, repeats)
+    oracle = times["bp_oracle"]["median"]
+    return [{"case": name, **c, "leaves": ghm.num_leaves, "model": k, "params": num_params(m),
+             "ms": times[k]["median"], "ms_min": times[k]["min"], "x_oracle": times[k]["median"] / oracle}
+            for k, m in models.items()]
+
+
+def train_step_fn(model: torch.nn.Module, ghm: GHM, opt: torch.optim.Optimizer, seed: int) -> Callable[[], None]:
+    """One step: fresh alpha and masking noise on a fixed batch, forward, nll, backward, AdamW."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = ghm.sample(TRAIN_BATCH, generator=g)
+    process = model.process
+
+    def step() -> None:
+        alpha = torch.rand(TRAIN_BATCH, generator=g)
+        loss = F.nll_loss(model(process.add_noise(x0, alpha, generator=g), alpha), x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def training(repeats: int) -> list[dict[str, Any]]:
+    c = CASES["demo"]
+    ghm, models = make_models(c)
+    tree, unet = models["tree_unet"].train(), models["unet1d"].train()
+    torch.manual_seed(0)
+    tree_default = TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).train()
+    runs = {
+        "tree_unet/adamw-fused": (tree, torch.optim.AdamW(tree.parameters(), lr=1e-3, fused=True)),
+        "tree_unet/adamw-default": (tree_default, torch.optim.AdamW(tree_default.parameters(), lr=1e-3)),
+        "unet1d/adamw-fused": (unet, torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)),
+    }
+    times = bench({k: train_step_fn(m, ghm, opt, seed=2) for k, (m, opt) in runs.items()}, repeats)
+    return [{"case": "demo", **c, "batch": TRAIN_BATCH, "run": k, "params": num_params(m), "ms_per_step": times[k]["median"],
+             "ms_per_step_min": times[k]["min"], "steps_per_s": 1e3 / times[k]["median"]} for k, (m, _) in runs.items()]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of --repeats")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch intra-op thread counts to run, e.g. 1 2 (default: as is)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "models.json"))
+    args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    tuned = keep_freed_memory()
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: 1-min load average {load_before:.2f} before the run; timings may be inflated", flush=True)
+    rows, train_rows = [], []
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        print(f"forward, masking noise, threads={threads}", flush=True)
+        print(f"{'case':5} {'model':10} {'params':>8} {'ms':>9} {'min ms':>9} {'x oracle':>9}", flush=True)
+        for name, c in CASES.items():
+            for r in forward_case(name, c, repeats):
+                rows.append({"threads": threads, **r})
+                params = f"{r['params']:8d}" if r["params"] is not None else "       -"
+                print(f"{name:5} {r['model']:10} {params} {r['ms']:9.2f} {r['ms_min']:9.2f} {r['x_oracle']:9.2f}", flush=True)
+        print(f"training, demo GHM, batch {TRAIN_BATCH}, nll + AdamW, threads={threads}", flush=True)
+        print(f"{'run':24} {'ms/step':>9} {'min ms':>9} {'steps/s':>9}", flush=True)
+        for r in training(repeats):
+            train_rows.append({"threads": threads, **r})
+            print(f"{r['run']:24} {r['ms_per_step']:9.2f} {r['ms_per_step_min']:9.2f} {r['steps_per_s']:9.1f}", flush=True)
+    result = {
+        "benchmark": "learned denoisers vs the BP oracle: forward ms (masking noise) and training ms/step",
+        "repeats": repeats, "statistic": "median (and min) of interleaved rounds after one warm-up",
+        "width": WIDTH, "forward": rows, "training": train_rows,
+        "machine": {"torch": torch.__version__, "cores": os.cpu_count(), "python": sys.version.split()[0],
+                    "platform": platform.platform(), "malloc_tuned": tuned,
+                    "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
