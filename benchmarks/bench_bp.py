@@ -30,17 +30,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_result  # noqa: E402
 
 from hdiff.bp import posterior
 from hdiff.ghm import GHM
@@ -263,17 +264,10 @@ def main() -> int:
         "published": {"source": "github.com/AntonioScl/minimal_diffusion_rhm datasets/BP_utils.py BpRhm"
                       ".run_BP_from_upward_messages (all levels' marginals)",
                       "path": args.published if published else None, "sha256": published[1] if published else None},
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                    "cores": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                    "malloc_tuned": tuned, "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(cpu=cpu_model(), malloc_tuned=tuned,
+                                loadavg_1min_before_after=[load_before, os.getloadavg()[0]]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -25,17 +25,17 @@ Run: ``.venv/bin/python benchmarks/bench_models.py [--quick] [--threads 1 2]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_result  # noqa: E402
 from torch.nn import functional as F
 
 from hdiff.denoisers import BPDenoiser, TreeUNet, UNet1DBaseline
@@ -157,17 +157,9 @@ def main() -> int:
         "benchmark": "learned denoisers vs the BP oracle: forward ms (masking noise) and training ms/step",
         "repeats": repeats, "statistic": "median (and min) of interleaved rounds after one warm-up",
         "width": WIDTH, "forward": rows, "training": train_rows,
-        "machine": {"torch": torch.__version__, "cores": os.cpu_count(), "python": sys.version.split()[0],
-                    "platform": platform.platform(), "malloc_tuned": tuned,
-                    "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(malloc_tuned=tuned, loadavg_1min_before_after=[load_before, os.getloadavg()[0]]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

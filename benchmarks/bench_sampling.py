@@ -11,16 +11,16 @@ Run: ``.venv/bin/python benchmarks/bench_sampling.py [--num 1000] [--steps 100]`
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_result  # noqa: E402
 
 from hdiff.denoisers import BPDenoiser  # noqa: E402
 from hdiff.ghm import GHM  # noqa: E402
@@ -68,15 +68,9 @@ def main() -> int:
     result = {
         "benchmark": "oracle sampling, demo GHM (RHM v=8, m=2, s=2, L=4)",
         "num_samples": args.num, "steps": args.steps, "rows": rows,
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-                    "platform": platform.platform(), "malloc_tuned": tuned},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(malloc_tuned=tuned),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_result(args.out, result)
     return 0
 
 
