@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -27,3 +30,17 @@ def write_result(path: str | os.PathLike, result: dict) -> Path:
     os.replace(tmp, out)
     print(f"wrote {out}")
     return out
+
+
+def bench(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
+    """Median and min ms of each call: one warm-up each, then ``repeats`` rounds, calls interleaved
+    within a round so that load from other processes hits every implementation alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}

@@ -32,7 +32,6 @@ import hashlib
 import importlib.util
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_result  # noqa: E402
+from _common import bench, machine_info, write_result  # noqa: E402
 
 from hdiff.bp import posterior
 from hdiff.ghm import GHM
@@ -147,20 +146,6 @@ def published_call(bp_cls: type, ghm: GHM, log_lik: torch.Tensor) -> Callable[[]
 
 
 # ---------------------------------------------------------------- timing
-def bench(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-    """Median and min ms of each call: one warm-up each, then ``repeats`` rounds, calls interleaved
-    within a round so that load from other processes hits every implementation alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
-
-
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_result  # noqa: E402
+from _common import bench, machine_info, write_result  # noqa: E402
 from torch.nn import functional as F
 
 from hdiff.denoisers import BPDenoiser, TreeUNet, UNet1DBaseline
@@ -49,19 +47,6 @@ CASES: dict[str, dict[str, int]] = {
 }
 WIDTH = 64
 TRAIN_BATCH = 128
-
-
-def bench(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-    """Median and min ms of each call: one warm-up each, then ``repeats`` interleaved rounds."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
 
 
 def make_models(c: dict[str, int]) -> tuple[GHM, dict[str, Any]]:
