@@ -8,7 +8,11 @@ stays exact when parts of the evidence contradict each other by thousands of nat
 
 What is kept in probability space is only *normalised conditionals*: a production node's
 posterior over rules given its symbol and the evidence below, ``p(r | a, below)``, whose dropped
-entries (below 1e-38 of the best rule of the same symbol) are negligible by construction.
+entries (below 1e-38 of the best rule of the same symbol) are negligible by construction. When
+the caller's ``spread`` bound shows that no product of children entries can leave float range
+(soft or hard evidence of moderate strength, typically the big bottom levels), a production level
+is computed in probability space instead: the same numbers, with one ``exp`` per child entry
+rather than one per (node, rule).
 
 Each family provides vectorised operations over (batch, nodes); the caller loops over levels:
 
@@ -36,8 +40,12 @@ class _ProductionConsts:
     weights: torch.Tensor | None  # (A, m, 1), None when all weights are equal
     log_weight: float  # log of the common weight when all are equal
     log_weights: torch.Tensor  # (A, m, 1), for the log-space path
+    log_inv_min_weight: float  # -log of the smallest positive weight (0 when all are equal: they are factored out)
     rules: torch.Tensor  # (A, m, s)
 
+
+#: largest spread (nats) of a product that probability space holds exactly (normal floats only)
+SAFE_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
 
 #: a factorized level whose q_j(a) falls below this is recomputed as an exact log-space sum
 REDO = 1e-30
@@ -67,6 +75,7 @@ def _production_consts(k: ProductionKernel, dtype: torch.dtype, device: torch.de
             weights=None if equal else w.to(dtype).unsqueeze(-1),
             log_weight=float(log_w.flatten()[0]),
             log_weights=log_w.to(dtype).unsqueeze(-1),
+            log_inv_min_weight=0.0 if equal else float(-w[w > 0].min().log()),
             rules=rules,
         )
 
@@ -75,6 +84,13 @@ def _production_consts(k: ProductionKernel, dtype: torch.dtype, device: torch.de
 
 def _transitions(k: FactorizedKernel, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _cached(k, dtype, device, lambda: k.transitions.to(device=device, dtype=dtype))
+
+
+def spread_of(h: torch.Tensor) -> float:
+    """Largest distance (nats) of a finite entry of ``h`` (max 0 per column) below 0."""
+    if h.numel() == 0:
+        return 0.0
+    return float(-torch.where(h > -math.inf, h, 0.0).amin())
 
 
 def shift_to_max0(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +114,12 @@ def _logsumexp_and_softmax(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, tor
 
 # ------------------------------------------------------------------------------ generic
 @singledispatch
-def upward(kernel, u: torch.Tensor):
-    """Children ``(C, s*M)`` -> parents ``(A, M)`` (max 1 per column), log-scale ``(M,)``, cache."""
+def upward(kernel, h: torch.Tensor, spread: float = math.inf):
+    """Children ``(C, s*M)`` -> parents ``(A, M)`` (max 0 per column), the shifts ``(M,)``, a cache.
+
+    ``spread`` bounds how far (nats) any finite child entry lies below its node's max; kernels may
+    use it to pick an exact faster path.
+    """
     raise TypeError(f"no BP rule for kernel type {type(kernel).__name__}")
 
 
@@ -117,19 +137,34 @@ def sample_down(kernel, parents: torch.Tensor, cache, generator: torch.Generator
 
 # --------------------------------------------------------------------------- production
 @upward.register
-def _(k: ProductionKernel, h: torch.Tensor):
-    # Inside recursion in log space: h(a) = logsumexp_r [log w[a, r] + sum_j h_j(rules[a, r, j])]
+def _(k: ProductionKernel, h: torch.Tensor, spread: float = math.inf):
+    # Inside recursion: h(a) = logsumexp_r [log w[a, r] + sum_j h_j(rules[a, r, j])].
     c = _production_consts(k, h.dtype, h.device)
     C, A, m, s = k.num_children, k.num_parents, k.num_rules, k.branching
     M = h.shape[1] // s
-    rows = h.view(C * s, M)
-    g = rows.index_select(0, c.gather[0])
-    for j in range(1, s):  # sums over siblings, one gathered term at a time (s is 2 or 4)
-        g.add_(rows.index_select(0, c.gather[j]))
-    g = g.view(A, m, M)
-    if c.weights is not None:
-        g.add_(c.log_weights)
-    h_parent, rule_post = _logsumexp_and_softmax(g, 1)  # rule_post[a, r] = p(r | a, evidence below)
+    if s * spread + c.log_inv_min_weight <= SAFE_RANGE[h.dtype]:
+        # Every child entry is 0 or within `spread` nats of its node's max, so no product of s of
+        # them (times a weight) can leave float range: probability space is exact here, and needs
+        # one exp per child entry instead of one per (rule, node).
+        rows = h.exp().view(C * s, M)
+        terms = rows.index_select(0, c.gather[0])
+        for j in range(1, s):
+            terms.mul_(rows.index_select(0, c.gather[j]))
+        terms = terms.view(A, m, M)
+        if c.weights is not None:
+            terms.mul_(c.weights)
+        total = terms.sum(1)
+        rule_post = terms.div_(torch.where(total > 0, total, 1.0).unsqueeze(1))
+        h_parent = total.log_()
+    else:
+        rows = h.view(C * s, M)
+        g = rows.index_select(0, c.gather[0])
+        for j in range(1, s):  # sums over siblings, one gathered term at a time (s is 2 or 4)
+            g.add_(rows.index_select(0, c.gather[j]))
+        g = g.view(A, m, M)
+        if c.weights is not None:
+            g.add_(c.log_weights)
+        h_parent, rule_post = _logsumexp_and_softmax(g, 1)  # rule_post[a, r] = p(r | a, evidence below)
     h_parent, shift = shift_to_max0(h_parent)
     if c.weights is None:
         shift = shift + c.log_weight  # equal weights were left out of the sums
@@ -158,7 +193,7 @@ def _(k: ProductionKernel, parents: torch.Tensor, rule_post: torch.Tensor, gener
 
 # --------------------------------------------------------------------------- factorized
 @upward.register
-def _(k: FactorizedKernel, h: torch.Tensor):
+def _(k: FactorizedKernel, h: torch.Tensor, spread: float = math.inf):
     # q_j(a) = log sum_b T_j(a, b) exp(h_j(b)); h(a) = sum_j q_j(a). Each child's h has max 0, so
     # exp(h) cannot overflow and a matmul gives q exactly unless a row of T meets only children
     # entries far below their max: then (q < REDO) that level is redone as a log-space sum.
