@@ -9,7 +9,7 @@ stays exact when parts of the evidence contradict each other by thousands of nat
 What is kept in probability space is only *normalised conditionals*: a production node's
 posterior over rules given its symbol and the evidence below, ``p(r | a, below)``, whose dropped
 entries (below 1e-38 of the best rule of the same symbol) are negligible by construction. When
-the caller's ``spread`` bound shows that no product of children entries can leave float range
+the children's spread (:func:`spread_of`) shows that no product of their entries can leave float range
 (soft or hard evidence of moderate strength, typically the big bottom levels), a production level
 is computed in probability space instead: the same numbers, with one ``exp`` per child entry
 rather than one per (node, rule).
@@ -114,12 +114,8 @@ def _logsumexp_and_softmax(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, tor
 
 # ------------------------------------------------------------------------------ generic
 @singledispatch
-def upward(kernel, h: torch.Tensor, spread: float = math.inf):
-    """Children ``(C, s*M)`` -> parents ``(A, M)`` (max 0 per column), the shifts ``(M,)``, a cache.
-
-    ``spread`` bounds how far (nats) any finite child entry lies below its node's max; kernels may
-    use it to pick an exact faster path.
-    """
+def upward(kernel, h: torch.Tensor):
+    """Children ``(C, s*M)`` -> parents ``(A, M)`` (max 0 per column), the shifts ``(M,)``, a cache."""
     raise TypeError(f"no BP rule for kernel type {type(kernel).__name__}")
 
 
@@ -137,13 +133,13 @@ def sample_down(kernel, parents: torch.Tensor, cache, generator: torch.Generator
 
 # --------------------------------------------------------------------------- production
 @upward.register
-def _(k: ProductionKernel, h: torch.Tensor, spread: float = math.inf):
+def _(k: ProductionKernel, h: torch.Tensor):
     # Inside recursion: h(a) = logsumexp_r [log w[a, r] + sum_j h_j(rules[a, r, j])].
     c = _production_consts(k, h.dtype, h.device)
     C, A, m, s = k.num_children, k.num_parents, k.num_rules, k.branching
     M = h.shape[1] // s
-    if s * spread + c.log_inv_min_weight <= SAFE_RANGE[h.dtype]:
-        # Every child entry is 0 or within `spread` nats of its node's max, so no product of s of
+    if s * spread_of(h) + c.log_inv_min_weight <= SAFE_RANGE[h.dtype]:
+        # Every child entry is -inf or within spread_of(h) nats of its node's max, so no product of s of
         # them (times a weight) can leave float range: probability space is exact here, and needs
         # one exp per child entry instead of one per (rule, node).
         rows = h.exp().view(C * s, M)
@@ -193,7 +189,7 @@ def _(k: ProductionKernel, parents: torch.Tensor, rule_post: torch.Tensor, gener
 
 # --------------------------------------------------------------------------- factorized
 @upward.register
-def _(k: FactorizedKernel, h: torch.Tensor, spread: float = math.inf):
+def _(k: FactorizedKernel, h: torch.Tensor):
     # q_j(a) = log sum_b T_j(a, b) exp(h_j(b)); h(a) = sum_j q_j(a). Each child's h has max 0, so
     # exp(h) cannot overflow and a matmul gives q exactly unless a row of T meets only children
     # entries far below their max: then (q < REDO) that level is redone as a log-space sum.

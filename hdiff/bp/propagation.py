@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hdiff.bp._order import from_internal, to_internal, tokens_from_internal
-from hdiff.bp.messages import _logsumexp_and_softmax, downward, sample_down, spread_of, upward
+from hdiff.bp.messages import _logsumexp_and_softmax, downward, sample_down, upward
 from hdiff.ghm._random import categorical
 from hdiff.ghm.model import GHM
 
@@ -72,7 +72,7 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor):
     h = h.sub_(to_internal(mx.unsqueeze(-1), ghm.layout, ghm.branching, ghm.depth))
     caches = [None] * ghm.depth
     for level in reversed(range(ghm.depth)):
-        h, shift, caches[level] = upward(ghm.kernels[level], h, spread_of(h))
+        h, shift, caches[level] = upward(ghm.kernels[level], h)
         log_scale = log_scale + shift.view(ghm.branching**level, B).double().sum(0)
     prior = ghm.root_prior.to(device=h.device, dtype=h.dtype)
     logits = h + torch.where(prior > 0, prior.log(), -torch.inf).unsqueeze(1)  # (num_classes, B)
