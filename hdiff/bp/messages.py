@@ -192,26 +192,33 @@ def _(k: ProductionKernel, parents: torch.Tensor, rule_post: torch.Tensor, gener
 def _(k: FactorizedKernel, h: torch.Tensor):
     # q_j(a) = log sum_b T_j(a, b) exp(h_j(b)); h(a) = sum_j q_j(a). Each child's h has max 0, so
     # exp(h) cannot overflow and a matmul gives q exactly unless a row of T meets only children
-    # entries far below their max: then (q < REDO) that level is redone as a log-space sum.
+    # entries far below their max. With a small spread no q can (fast path); otherwise a q below
+    # REDO sends the level to an exact log-space sum.
     t = _transitions(k, h.dtype, h.device)
     C, s = k.num_children, k.branching
+    fast = spread_of(h) + _log_inv_min_positive(k, t) <= SAFE_RANGE[h.dtype]
     hj = h.view(C, s, -1).transpose(0, 1)  # (s, C, M)
-    q = torch.matmul(t, hj.exp())  # (s, A, M)
-    if bool((q < REDO).any()):
+    u = hj.exp()
+    q = torch.matmul(t, u)  # (s, A, M)
+    if not fast and bool((q < REDO).any()):
         log_t = torch.where(t > 0, t.log(), -math.inf)
         log_q = torch.logsumexp(log_t.unsqueeze(-1) + hj.unsqueeze(1), dim=2)  # (s, A, C, M) -> (s, A, M)
     else:
         log_q = q.log()
     h_parent, shift = shift_to_max0(log_q.sum(0))
-    return h_parent, shift, (hj, log_q)
+    return h_parent, shift, (hj, log_q, (u, q) if fast else None)
 
 
 @downward.register
 def _(k: FactorizedKernel, p: torch.Tensor, cache) -> torch.Tensor:
-    # p(child j = b) ∝ exp(h_j(b)) sum_a T_j(a, b) p(a) / exp(q_j(a)), in log space with a max shift over a
-    hj, log_q = cache
+    # p(child j = b) ∝ exp(h_j(b)) sum_a T_j(a, b) p(a) / exp(q_j(a))
+    hj, log_q, fast = cache
     t = _transitions(k, p.dtype, p.device)
-    pp = p.unsqueeze(0)
+    if fast is not None:  # every nonzero q is a normal float: plain products are exact (p = 0 wherever q = 0)
+        u, q = fast
+        child = torch.matmul(t.transpose(1, 2), p.unsqueeze(0) / torch.where(q > 0, q, 1.0)).mul_(u)  # (s, C, M)
+        return child.transpose(0, 1).reshape(k.num_children, -1)
+    pp = p.unsqueeze(0)  # in log space with a max shift over a
     log_r = torch.where((pp > 0) & (log_q > -math.inf), pp.log() - log_q, -math.inf)  # (s, A, M); p = 0 wherever q = 0
     mx = log_r.amax(1, keepdim=True)
     w = torch.matmul(t.transpose(1, 2), (log_r - torch.where(torch.isfinite(mx), mx, 0.0)).exp_())  # (s, C, M)
@@ -225,9 +232,14 @@ def _(k: FactorizedKernel, p: torch.Tensor, cache) -> torch.Tensor:
     return child.transpose(0, 1).reshape(k.num_children, -1)
 
 
+def _log_inv_min_positive(k: FactorizedKernel, t: torch.Tensor) -> float:
+    """``-log`` of the smallest positive transition: how far below its row's scale a product term can start."""
+    return _cached(k, ("min", t.dtype), t.device, lambda: float(-t[t > 0].min().log()))
+
+
 @sample_down.register
 def _(k: FactorizedKernel, parents: torch.Tensor, cache, generator) -> torch.Tensor:
-    hj, _ = cache
+    hj = cache[0]
     t = _transitions(k, hj.dtype, hj.device)
     logit = torch.where(t > 0, t.log(), -math.inf)[:, parents] + hj.transpose(1, 2)  # (s, M, C): T_j(a, b) exp(h_j(b))
     _, probs = _logsumexp_and_softmax(logit, -1)
