@@ -44,3 +44,14 @@ def bench(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str
             fn()
             times[name].append(1e3 * (time.perf_counter() - start))
     return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
+
+
+def prepare_run() -> tuple[bool, float]:
+    """Keep freed memory (as the CLI does) and warn when the machine is busy: (tuned, 1-min load)."""
+    from hdiff.runtime import keep_freed_memory
+
+    tuned = keep_freed_memory()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: 1-min load average {load:.2f} before the run; timings may be inflated", flush=True)
+    return tuned, load

@@ -40,12 +40,11 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench, machine_info, write_result  # noqa: E402
+from _common import bench, machine_info, prepare_run, write_result  # noqa: E402
 
 from hdiff.bp import posterior
 from hdiff.ghm import GHM
 from hdiff.ghm.kernels import FactorizedKernel, ProductionKernel
-from hdiff.runtime import keep_freed_memory
 
 CASES: dict[str, dict[str, Any]] = {
     "B1": dict(kind="rhm", v=16, m=4, s=2, L=8, batch=256, layout="sequence"),
@@ -216,10 +215,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bp.json"))
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
-    tuned = keep_freed_memory()
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"warning: 1-min load average {load_before:.2f} before the run; timings may be inflated", flush=True)
+    tuned, load_before = prepare_run()
     published = None
     if args.published and Path(args.published).exists():
         published = load_published(args.published)

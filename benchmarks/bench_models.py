@@ -33,13 +33,12 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import bench, machine_info, write_result  # noqa: E402
+from _common import bench, machine_info, prepare_run, write_result  # noqa: E402
 from torch.nn import functional as F
 
 from hdiff.denoisers import BPDenoiser, TreeUNet, UNet1DBaseline
 from hdiff.ghm import GHM
 from hdiff.noise import MaskingProcess
-from hdiff.runtime import keep_freed_memory
 
 CASES: dict[str, dict[str, int]] = {
     "B1": dict(v=16, m=4, s=2, L=8, batch=256),
@@ -119,10 +118,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "models.json"))
     args = parser.parse_args()
     repeats = 3 if args.quick else args.repeats
-    tuned = keep_freed_memory()
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"warning: 1-min load average {load_before:.2f} before the run; timings may be inflated", flush=True)
+    tuned, load_before = prepare_run()
     rows, train_rows = [], []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)

@@ -103,7 +103,7 @@ def shift_to_max0(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return h, mx
 
 
-def _logsumexp_and_softmax(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def logsumexp_and_softmax(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logsumexp, softmax)`` of ``g`` along ``dim``, consuming ``g``; all-``-inf`` slices give ``(-inf, 0)``."""
     mx = g.amax(dim, keepdim=True)
     e = g.sub_(torch.where(torch.isfinite(mx), mx, 0.0)).exp_()
@@ -160,7 +160,7 @@ def _(k: ProductionKernel, h: torch.Tensor):
         g = g.view(A, m, M)
         if c.weights is not None:
             g.add_(c.log_weights)
-        h_parent, rule_post = _logsumexp_and_softmax(g, 1)  # rule_post[a, r] = p(r | a, evidence below)
+        h_parent, rule_post = logsumexp_and_softmax(g, 1)  # rule_post[a, r] = p(r | a, evidence below)
     h_parent, shift = shift_to_max0(h_parent)
     if c.weights is None:
         shift = shift + c.log_weight  # equal weights were left out of the sums
@@ -228,7 +228,7 @@ def _(k: FactorizedKernel, p: torch.Tensor, cache) -> torch.Tensor:
     else:
         log_w = w.log_() + mx
     logit = hj + log_w
-    _, child = _logsumexp_and_softmax(logit, 1)
+    _, child = logsumexp_and_softmax(logit, 1)
     return child.transpose(0, 1).reshape(k.num_children, -1)
 
 
@@ -242,5 +242,5 @@ def _(k: FactorizedKernel, parents: torch.Tensor, cache, generator) -> torch.Ten
     hj = cache[0]
     t = _transitions(k, hj.dtype, hj.device)
     logit = torch.where(t > 0, t.log(), -math.inf)[:, parents] + hj.transpose(1, 2)  # (s, M, C): T_j(a, b) exp(h_j(b))
-    _, probs = _logsumexp_and_softmax(logit, -1)
+    _, probs = logsumexp_and_softmax(logit, -1)
     return categorical(probs, generator=generator).reshape(-1)

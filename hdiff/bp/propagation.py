@@ -2,8 +2,8 @@
 
 Evidence is a per-leaf log-likelihood ``log p(obs_i | x0_i = b)``, shape ``(B, *leaf_shape, v)``
 (``-inf`` = hard evidence that excludes ``b``). The upward pass (leaves to root) computes every
-node's inside message ``p(evidence below | symbol)``, rescaled to max 1 per node with the
-log-scales summed into the log-evidence; the downward pass turns the root posterior into every
+node's inside message ``log p(evidence below | symbol)``, shifted to max 0 per node with the
+shifts summed (in float64) into the log-evidence; the downward pass turns the root posterior into every
 node's posterior marginal (BACKGROUND.md, "BP on a production-rule GHM"). The only Python loop is
 over levels; everything is vectorised over batch and nodes (see :mod:`hdiff.bp._order` for the
 memory layout) and runs on whatever device the evidence is on.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hdiff.bp._order import from_internal, to_internal, tokens_from_internal
-from hdiff.bp.messages import _logsumexp_and_softmax, downward, sample_down, upward
+from hdiff.bp.messages import logsumexp_and_softmax, downward, sample_down, upward
 from hdiff.ghm._random import categorical
 from hdiff.ghm.model import GHM
 
@@ -76,7 +76,7 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor):
         log_scale = log_scale + shift.view(ghm.branching**level, B).double().sum(0)
     prior = ghm.root_prior.to(device=h.device, dtype=h.dtype)
     logits = h + torch.where(prior > 0, prior.log(), -torch.inf).unsqueeze(1)  # (num_classes, B)
-    lse, root = _logsumexp_and_softmax(logits, 0)
+    lse, root = logsumexp_and_softmax(logits, 0)
     return root, (log_scale + lse).to(h.dtype), caches
 
 

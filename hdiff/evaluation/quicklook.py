@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from hdiff.bp import posterior
 from hdiff.evaluation.plots import plot_tokens
 from hdiff.ghm import GHM
+from hdiff.noise import UniformProcess
 
 
 @dataclass
@@ -37,13 +38,6 @@ class QuicklookConfig:
     alphas: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
 
 
-def uniform_noise_log_lik(x_t: torch.Tensor, alpha: float, vocab_size: int) -> torch.Tensor:
-    """``log p(x_t,i | x0,i = b)`` for uniform noise: ``alpha 1[b = x_t,i] + (1 - alpha) / v``."""
-    lik = torch.full((*x_t.shape, vocab_size), (1 - alpha) / vocab_size, dtype=torch.float32)
-    lik.scatter_add_(-1, x_t.unsqueeze(-1), torch.full((*x_t.shape, 1), alpha, dtype=torch.float32))
-    return lik.log()
-
-
 def run_quicklook(out_dir: str | os.PathLike, config: QuicklookConfig | None = None) -> dict:
     """Run the quick look, write ``summary.json`` and ``samples.png`` into ``out_dir``, return the summary."""
     cfg = config or QuicklookConfig()
@@ -55,12 +49,12 @@ def run_quicklook(out_dir: str | os.PathLike, config: QuicklookConfig | None = N
     root = tree[0].flatten()
     entropy = ghm.entropy()
     log_p = ghm.log_prob(x0)
+    noise = UniformProcess(ghm.vocab_size)
     rows = []
     for alpha in tqdm(cfg.alphas, desc="BP on noisy copies"):
-        keep = torch.rand(x0.shape, generator=gen) < alpha
-        x_t = torch.where(keep, x0, torch.randint(0, ghm.vocab_size, x0.shape, generator=gen))
+        x_t = noise.add_noise(x0, alpha, generator=gen)
         start = time.perf_counter()
-        res = posterior(ghm, uniform_noise_log_lik(x_t, alpha, ghm.vocab_size))
+        res = posterior(ghm, noise.leaf_log_likelihood(x_t, alpha))
         seconds = time.perf_counter() - start
         rows.append({
             "alpha": alpha,

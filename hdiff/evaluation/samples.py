@@ -10,13 +10,6 @@ from hdiff.bp import posterior
 from hdiff.ghm import GHM
 
 
-def hard_evidence(ghm: GHM, tokens: torch.Tensor) -> torch.Tensor:
-    """Leaf log-likelihood that pins every leaf to its token: ``(B, *leaf_shape, v)``, 0 / -inf."""
-    ghm.check_tokens(tokens, "tokens")
-    ev = torch.full((*tokens.shape, ghm.vocab_size), -math.inf, device=tokens.device)
-    return ev.scatter_(-1, tokens.long().unsqueeze(-1), 0.0)
-
-
 def sample_metrics(ghm: GHM, tokens: torch.Tensor) -> dict:
     """Validity, exact log-likelihood and root-class histogram of samples.
 
@@ -41,6 +34,6 @@ def sample_metrics(ghm: GHM, tokens: torch.Tensor) -> dict:
     }
     if valid.any():
         out["log_prob_bits_per_leaf"] = float(log_p[valid].mean() / (ghm.num_leaves * math.log(2)))
-        roots = posterior(ghm, hard_evidence(ghm, tokens[valid])).root_marginals.double()
+        roots = posterior(ghm, ghm.hard_evidence(tokens[valid])).root_marginals.double()
         out["root_histogram"] = (roots.sum(0) / roots.shape[0]).tolist()
     return out

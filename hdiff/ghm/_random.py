@@ -8,8 +8,8 @@ import torch
 def categorical(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one index per row of ``probs`` ``(..., K)`` (non-negative, any scale) -> ``(...)`` long.
 
-    Rows need not be normalised; rows of zeros are the caller's error (they return index 0 ... K-1
-    of the last positive entry, i.e. never an entry with zero mass when one has mass).
+    Rows need not be normalised. An entry with zero mass is never drawn while its row has mass;
+    a row of zeros is the caller's error (it returns index 0).
     """
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)

@@ -84,6 +84,11 @@ class ProductionKernel:
         used = self.rules[self.weights > 0]  # (K, s)
         return torch.unique(used, dim=0).shape[0] == used.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.rules.device
+
     def sample_children(self, parents: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw children of ``parents`` ``(n, N)`` -> ``(n, N * branching)`` in tree order."""
         rule = categorical(self.weights[parents], generator=generator)  # (n, N)
@@ -135,6 +140,11 @@ class FactorizedKernel:
     def branching(self) -> int:
         """Children per node, ``s``."""
         return self.transitions.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.transitions.device
 
     def sample_children(self, parents: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw children of ``parents`` ``(n, N)`` -> ``(n, N * branching)`` in tree order."""

@@ -81,7 +81,7 @@ class GHM:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if layout == "image" and kernels[0].branching != 4:
             raise ValueError(f"layout 'image' needs branching 4 (2x2 blocks), got branching {kernels[0].branching}")
-        devices = {k.state()[next(iter(k.state()))].device for k in kernels}
+        devices = {k.device for k in kernels}
         if len(devices) > 1:
             raise ValueError(f"kernels must share one device, got {sorted(map(str, devices))}")
         self.kernels: tuple[Kernel, ...] = tuple(kernels)
@@ -203,10 +203,17 @@ class GHM:
         from hdiff.bp import log_evidence
 
         self.check_tokens(x)
-        x = x.to(self.device, torch.int64)
-        evidence = torch.full((*x.shape, self.vocab_size), -math.inf, dtype=torch.float64, device=self.device)
-        evidence.scatter_(-1, x.unsqueeze(-1), 0.0)
-        return log_evidence(self, evidence)
+        return log_evidence(self, self.hard_evidence(x.to(self.device), dtype=torch.float64))
+
+    def hard_evidence(self, x: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Leaf log-likelihood pinning every leaf to its token: ``(B, *leaf_shape, v)``, 0 / ``-inf``.
+
+        Raises:
+            ValueError: as :meth:`check_tokens`.
+        """
+        self.check_tokens(x)
+        evidence = torch.full((*x.shape, self.vocab_size), -math.inf, dtype=dtype, device=x.device)
+        return evidence.scatter_(-1, x.long().unsqueeze(-1), 0.0)
 
     def entropy(self, *, num_samples: int = 4096, generator: torch.Generator | None = None) -> Entropy:
         """Entropy of the leaves in nats.

@@ -7,7 +7,6 @@ import math
 import torch
 
 from hdiff.bp import posterior
-from hdiff.evaluation.samples import hard_evidence
 from hdiff.ghm import GHM, enumerate_strings
 
 #: |z| above this fails a z-test; with ~100 cells per check a false alarm has probability ~1e-3
@@ -27,7 +26,7 @@ def root_z(ghm: GHM, tokens: torch.Tensor) -> float:
 
     ``E_x p(root | x) = prior`` when ``x ~ p``; for unambiguous grammars it is the root-class histogram.
     """
-    roots = posterior(ghm, hard_evidence(ghm, tokens).double()).root_marginals
+    roots = posterior(ghm, ghm.hard_evidence(tokens, dtype=torch.float64)).root_marginals
     se = (roots.var(0) / roots.shape[0]).sqrt().clamp_min(1e-12)
     return float(((roots.mean(0) - ghm.root_prior) .abs() / se).max())
 
