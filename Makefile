@@ -15,7 +15,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/hdiff demo --out outputs/demo
+	$(VENV)/bin/hdiff compare --config configs/demo.toml --out outputs/demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_bp.py

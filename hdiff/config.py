@@ -79,7 +79,8 @@ def load_toml(cls: type[T], path: str | Path) -> T:
 
 
 def to_toml(obj: Any) -> str:
-    """Serialise a (nested) config dataclass as TOML (tables for nested dataclasses, None omitted)."""
+    """Serialise a (nested) config dataclass, or a dict of plain values, as TOML (tables for nested
+    dataclasses and dicts, ``[[arrays]]`` for lists of them, None omitted)."""
 
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
@@ -90,15 +91,25 @@ def to_toml(obj: Any) -> str:
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)
 
-    def emit(d: dict, prefix: str) -> list[str]:
-        plain = [f"{k} = {fmt(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)]
-        lines = ([f"[{prefix}]"] if prefix and plain else []) + plain
+    def is_table_list(v: Any) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, dict) for x in v)
+
+    def emit(d: dict, prefix: str, header: str | None = None) -> list[str]:
+        plain = [f"{k} = {fmt(v)}" for k, v in d.items()
+                 if v is not None and not isinstance(v, dict) and not is_table_list(v)]
+        head = header if header is not None else (f"[{prefix}]" if prefix and plain else None)
+        lines = ([head] if head else []) + plain
         for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else k
             if isinstance(v, dict):
-                lines += [""] + emit(v, f"{prefix}.{k}" if prefix else k)
+                lines += [""] + emit(v, name)
+            elif is_table_list(v):  # a list of tables: one [[name]] block each
+                for item in v:
+                    lines += [""] + emit(item, name, header=f"[[{name}]]")
         return lines
 
-    return "\n".join(emit(dataclasses.asdict(obj), "")) + "\n"
+    data = obj if isinstance(obj, dict) else dataclasses.asdict(obj)
+    return "\n".join(emit(data, "")) + "\n"
 
 
 @dataclass

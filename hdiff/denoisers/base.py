@@ -35,4 +35,15 @@ class JointSampler(Protocol):
 
     def sample_x0(self, x_t: torch.Tensor, alpha: Alpha, *,
                   generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover - protocol
+        """Draws ``x0`` jointly from the exact posterior ``p(x0 | x_t)``.
+
+        Args:
+            x_t: the noisy state: tokens ``(B, *leaf_shape)`` for discrete noise, or
+                ``(B, k, *leaf_shape)`` embeddings for Gaussian noise.
+            alpha: the signal level of ``x_t`` (a float, or one per sample ``(B,)``).
+            generator: the random generator of the draw.
+
+        Returns:
+            ``(B, *leaf_shape)`` LongTensor of clean tokens, one joint draw per sample.
+        """
         ...

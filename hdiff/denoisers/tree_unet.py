@@ -69,6 +69,17 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, film: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Applies the block to every node independently.
+
+        Args:
+            x: ``(B, N, c_in)`` node features.
+            film: ``(B, 1, 2*c_in)`` per-sample FiLM scale and shift (noise conditioning), or None.
+            residual: ``(B, N, c_out)`` stream to add the block's output to, or None to use ``x``
+                (or its projection).
+
+        Returns:
+            ``(B, N, c_out)``: ``residual + Linear(Dropout(SiLU(Linear(FiLM(LayerNorm(x))))))``.
+        """
         h = self.norm(x)
         if film is not None:
             scale, shift = film.chunk(2, dim=-1)
@@ -104,6 +115,16 @@ class TreeEncoder(nn.Module):
         return [2 * b.fc1.in_features for b in self.blocks]
 
     def forward(self, h: torch.Tensor, films: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Runs the upward pass from the leaves to the root.
+
+        Args:
+            h: ``(B, s**L, widths[0])`` leaf features in tree order.
+            films: one ``(B, 1, 2*widths[i])`` FiLM tensor per level (leaves first), or None.
+
+        Returns:
+            The root features ``(B, 1, widths[-1])`` and the ``depth`` activations before each
+            pooling, leaves first (level ``i``: ``(B, s**(L-i), widths[i])``), for the long skips.
+        """
         skips = []
         for i, (block, pool) in enumerate(zip(self.blocks, self.pools)):
             h = block(h, None if films is None else films[i])
@@ -129,9 +150,11 @@ class TreeOrder(nn.Module):
             self.register_buffer("inverse", torch.argsort(perm), persistent=False)
 
     def to_tree(self, x: torch.Tensor) -> torch.Tensor:
+        """Layout to tree order: ``(B, *leaf_shape, ...)`` -> ``(B, N, ...)`` (Morton order for images)."""
         return x.flatten(1, 2).index_select(1, self.perm) if self.image else x
 
     def from_tree(self, x: torch.Tensor) -> torch.Tensor:
+        """Tree order to layout, the inverse of :meth:`to_tree`: ``(B, N, ...)`` -> ``(B, *leaf_shape, ...)``."""
         if not self.image:
             return x
         side = int(round(x.shape[1] ** 0.5))

@@ -31,7 +31,8 @@ def stream_seed(seed: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def _row_keys(x: torch.Tensor) -> list[bytes]:
+def row_keys(x: torch.Tensor) -> list[bytes]:
+    """One hashable key per row of ``x`` ``(B, ...)``: its int64 bytes (for exact-copy checks)."""
     flat = x.reshape(x.shape[0], -1).to(torch.int64).cpu().numpy()
     return [row.tobytes() for row in flat]
 
@@ -59,14 +60,14 @@ class GHMDataset(Dataset):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         gen = torch.Generator(device=ghm.device).manual_seed(seed)
-        banned = set(_row_keys(exclude)) if exclude is not None and len(exclude) else set()
+        banned = set(row_keys(exclude)) if exclude is not None and len(exclude) else set()
         kept: list[torch.Tensor] = []
         have = empty = drawn = 0
         for _ in range(math.ceil(n / CHUNK) if not banned else MAX_HELDOUT_CHUNKS):
             chunk = ghm.sample(CHUNK, generator=gen).cpu()
             drawn += CHUNK
             if banned:
-                chunk = chunk[torch.tensor([k not in banned for k in _row_keys(chunk)], dtype=torch.bool)]
+                chunk = chunk[torch.tensor([k not in banned for k in row_keys(chunk)], dtype=torch.bool)]
             kept.append(chunk)
             have += len(chunk)
             empty = empty + 1 if len(chunk) == 0 else 0
@@ -98,8 +99,8 @@ class GHMDataset(Dataset):
 
     def contains(self, x: torch.Tensor) -> torch.Tensor:
         """``(B,)`` bool: which rows of ``x`` ``(B, *leaf_shape)`` are exact copies of a sample in this set."""
-        keys = set(_row_keys(self.tokens))
-        return torch.tensor([k in keys for k in _row_keys(x)], dtype=torch.bool)
+        keys = set(row_keys(self.tokens))
+        return torch.tensor([k in keys for k in row_keys(x)], dtype=torch.bool)
 
 
 def identity_collate(batch: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from hdiff.training.models import PROCESSES, build_model
 # sub-streams of run.seed, so that no two random sources share a sequence
 _NOISE_STREAM, _EVAL_STREAM = 1000, 999
 #: config fields a resumed run may change (cadences, the length); anything else changes what is trained
-_RESUMABLE = ("optim.max_steps", "run.checkpoint_every", "run.eval_every", "run.log_every", "run.keep_checkpoints",
+RESUMABLE_FIELDS = ("optim.max_steps", "run.checkpoint_every", "run.eval_every", "run.log_every", "run.keep_checkpoints",
               "run.num_workers")
 
 
@@ -87,10 +87,10 @@ def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> tuple[int, Path
         return None
     if (out / "config.toml").is_file():
         changed = [k for k in config_differences(load_train_config(out / "config.toml"), cfg)
-                   if k not in _RESUMABLE]
+                   if k not in RESUMABLE_FIELDS]
         if changed:
             raise ValueError(f"cannot resume {str(out)!r}: the config differs from its config.toml in {changed} "
-                             f"(only {', '.join(_RESUMABLE)} may change on resume)")
+                             f"(only {', '.join(RESUMABLE_FIELDS)} may change on resume)")
     return latest
 
 
@@ -134,8 +134,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     o, n_proc = cfg.optim, acc.num_processes
     process = PROCESSES[cfg.noise.process](ghm.vocab_size)
     model = build_model(cfg, ghm)
+    # fused AdamW: one kernel for all parameters (torch's default on CPU is a Python loop over tensors)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+                                  weight_decay=o.weight_decay, fused=True)
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
@@ -143,7 +144,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * n_proc, o.max_steps * n_proc)
     model, optimizer, lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
     raw = acc.unwrap_model(model)
-    ema = EMAModel(raw.parameters(), decay=o.ema_decay)
+    ema = EMAModel(raw.parameters(), decay=o.ema_decay, foreach=True)
     acc.register_for_checkpointing(ema)
     eval_model = copy.deepcopy(raw).eval().requires_grad_(False)  # holds the EMA weights for eval and saving
 
