@@ -1,4 +1,4 @@
-"""The ``hdiff`` command line: ``demo``, ``sample`` and ``train`` (more arrive with evaluation)."""
+"""The ``hdiff`` command line: ``compare`` (the main job), ``demo``, ``sample``, ``train`` and the research probes."""
 
 from __future__ import annotations
 
@@ -142,6 +142,44 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import time
+
+    from hdiff.evaluation.compare import run_compare
+    from hdiff.evaluation.compare_config import load_compare_config
+    from hdiff.evaluation.report import headline
+
+    cfg = load_compare_config(args.config)
+    start = time.monotonic()
+    metrics = run_compare(cfg, args.out, progress=None if not args.quiet else False)
+    head, body = headline(metrics)
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
+    for line in [head, *body]:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    print(f"exact entropy {metrics['entropy_bits_per_leaf']:.4f} bits/leaf; held-out exact NLL "
+          f"{metrics['heldout_nll_bits_per_leaf']:.4f} bits/leaf; {time.monotonic() - start:.0f} s "
+          f"({metrics['cells_skipped']} finished cells reused) -> {os.path.join(args.out, 'report.html')}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from hdiff.evaluation.classify import format_classify, load_classify_config, run_classify
+
+    metrics = run_classify(load_classify_config(args.config), args.out)
+    print(format_classify(metrics))
+    print(f"{metrics['wall_seconds']:.0f} s -> {os.path.join(args.out, 'metrics.json')}, accuracy.png")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from hdiff.evaluation.probe import format_probe, load_probe_config, run_probe
+
+    metrics = run_probe(load_probe_config(args.config), args.out)
+    print(format_probe(metrics))
+    print(f"{metrics['wall_seconds']:.0f} s -> {os.path.join(args.out, 'metrics.json')}, probe.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``hdiff`` command."""
     parser = argparse.ArgumentParser(prog="hdiff", description="Diffusion on generative hierarchical models with an exact BP oracle.")
@@ -168,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", required=True)
     smp.set_defaults(func=_sample)
 
+    cmp = sub.add_parser("compare", help="the main job: the BP oracle vs learned denoisers as the training set grows")
+    cmp.add_argument("--config", required=True, help="TOML compare config, e.g. configs/demo.toml")
+    cmp.add_argument("--out", required=True, help="output directory; a rerun skips its finished cells")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=_compare)
+
     trn = sub.add_parser("train", help="train a learned denoiser on n samples of a GHM (accelerate; checkpoints)")
     trn.add_argument("--config", required=True, help="TOML training config, e.g. configs/train_demo.toml")
     trn.add_argument("--n-train", type=int, default=None, help="override data.n_train")
@@ -175,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--out", default=None, help="run directory (default: outputs/train/<config name>)")
     trn.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     trn.set_defaults(func=_train)
+
+    cls = sub.add_parser("classify", help="root classification vs n: tree ConvNet and MLP beside the Bayes (BP) accuracy")
+    cls.add_argument("--config", required=True, help="TOML classify config, e.g. configs/classify.toml")
+    cls.add_argument("--out", required=True, help="output directory (a rerun recomputes)")
+    cls.set_defaults(func=_classify)
+
+    prb = sub.add_parser("probe", help="forward-backward probe with the exact oracle: class / latent retention vs noise")
+    prb.add_argument("--config", required=True, help="TOML probe config, e.g. configs/probe.toml")
+    prb.add_argument("--out", required=True, help="output directory (a rerun recomputes)")
+    prb.set_defaults(func=_probe)
     return parser
 
 

@@ -122,6 +122,16 @@ def test_bad_configs_name_the_field(change, match):
 
 
 def test_shipped_configs_load():
-    for name in ("configs/demo.toml", "configs/demo_gaussian.toml"):
+    for name in ("configs/demo.toml", "configs/demo_gaussian.toml", "configs/demo_image.toml"):
         cfg = load_compare_config(name)
         assert cfg.compare.samplers and cfg.compare.n_train
+
+
+def test_compare_on_image_ghms(tmp_path):
+    data = {**TINY, "ghm": {"vocab_size": 3, "num_rules": 2, "branching": 4, "depth": 2, "layout": "image"},
+            "compare": {**TINY["compare"], "n_train": [16], "max_steps": [6], "baseline": True}}
+    metrics = run_compare(compare_config_from_dict(data), tmp_path / "img", progress=False)
+    assert metrics["layout"] == "image" and len(metrics["rows"]) == 3
+    oracle = next(r for r in metrics["rows"] if r["denoiser"] == "oracle")
+    assert oracle["fixed.validity"] == 1.0
+    assert (tmp_path / "img" / "samples_unet_baseline_fixed.png").is_file()
