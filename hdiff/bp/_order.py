@@ -33,7 +33,9 @@ def _user_index(layout: str, branching: int, level: int) -> np.ndarray:
     return _morton_permutation(level)[rev]
 
 
+@lru_cache(maxsize=256)
 def _rows(layout: str, branching: int, level: int, symbols: int, device: torch.device, inverse: bool) -> torch.Tensor:
+    # cached: building it costs numpy work and a host-to-device copy on every call otherwise (read-only use)
     idx = _user_index(layout, branching, level)
     if inverse:
         idx = np.argsort(idx)

@@ -1,23 +1,28 @@
 """One level of belief propagation for each kernel family (BACKGROUND.md, "BP on a ... GHM").
 
-Messages are held in BP's internal order (:mod:`hdiff.bp._order`) and in **log space**: a level is
-``(A, N * B)``, ``h[a, x] = log p(evidence below node | a)`` up to a per-node constant, shifted so
-that every node's largest entry is 0 (the caller keeps the shifts). ``-inf`` is an exact zero
-(hard evidence, zero weights); finite values never underflow, whatever the evidence, so BP
-stays exact when parts of the evidence contradict each other by thousands of nats.
+Messages are held in BP's internal order (:mod:`hdiff.bp._order`), a level as ``(A, N * B)``, in
+one of two forms, chosen per level:
 
-What is kept in probability space is only *normalised conditionals*: a production node's
-posterior over rules given its symbol and the evidence below, ``p(r | a, below)``, whose dropped
-entries (below 1e-38 of the best rule of the same symbol) are negligible by construction. When
-the children's spread (:func:`spread_of`) shows that no product of their entries can leave float range
-(soft or hard evidence of moderate strength, typically the big bottom levels), a production level
-is computed in probability space instead: the same numbers, with one ``exp`` per child entry
-rather than one per (node, rule).
+- **log form**: ``h[a, x] = log p(evidence below node | a)`` up to a per-node constant, shifted so
+  that every node's largest entry is 0 (the caller keeps the shifts). ``-inf`` is an exact zero
+  (hard evidence, zero weights); finite values never underflow, whatever the evidence, so BP stays
+  exact when parts of the evidence contradict each other by thousands of nats;
+- **probability form**: ``u = exp(h)`` (max 1 per node), used only where every positive entry is a
+  normal float, so ``u`` holds exactly the same numbers and ``log(u)`` gives ``h`` back.
+
+When the children's spread (:func:`spread_of`, :func:`prob_spread_of`) shows that no product of
+their entries can leave the normal float range (soft or hard evidence of moderate strength,
+typically the big bottom levels), a production level is computed in probability space: one ``exp``
+per child entry (none when the children are already in probability form) rather than one per
+(node, rule), and its parents stay in probability form. Otherwise it runs in log space. What is
+kept for the way down are rule posteriors ``p(r | a, below)``: normalised in log space, or as the
+undivided products and their sums in probability space.
 
 Each family provides vectorised operations over (batch, nodes); the caller loops over levels:
 
-- ``upward(kernel, h_children) -> (h_parents, log_shift, cache)``: ``(C, s*M)`` -> ``(A, M)``
-  with ``M = N_parent * B`` and the per-column shift ``(M,)``;
+- ``upward(kernel, x_children, prob) -> (x_parents, parents_prob, log_shift, cache)``:
+  ``(C, s*M)`` -> ``(A, M)`` with ``M = N_parent * B`` and the per-column shift ``(M,)``
+  (consumes ``x_children``);
 - ``downward(kernel, p_parents, cache) -> p_children``: posterior marginals top-down;
 - ``sample_down(kernel, parents, cache, generator) -> children``: exact joint posterior sampling.
 """
@@ -36,16 +41,22 @@ from hdiff.ghm.kernels import FactorizedKernel, ProductionKernel
 
 @dataclass(frozen=True)
 class _ProductionConsts:
-    gather: torch.Tensor  # (s, A * m): row rules[a, r, j] * s + j of the (C * s, M) children
+    gather: tuple[torch.Tensor, ...]  # s x (A * m,): row rules[a, r, j] * s + j of the (C * s, M) children
     weights: torch.Tensor | None  # (A, m, 1), None when all weights are equal
     log_weight: float  # log of the common weight when all are equal
     log_weights: torch.Tensor  # (A, m, 1), for the log-space path
-    log_inv_min_weight: float  # -log of the smallest positive weight (0 when all are equal: they are factored out)
+    # -log of the smallest positive weight; log(m) when all are equal: they are factored out, so a node's sum
+    # over rules can reach m, and its smallest entry relative to its largest is what bounds the range
+    log_inv_min_weight: float
     rules: torch.Tensor  # (A, m, s)
 
 
 #: largest spread (nats) of a product that probability space holds exactly (normal floats only)
 SAFE_RANGE = {torch.float32: 80.0, torch.float64: 700.0}
+
+#: smallest normal float: clamping a message to it changes only its exact zeros (comparisons and
+#: torch.where cost several times a clamp on CPUs, and these run over whole levels)
+_TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.finfo(torch.float64).tiny}
 
 #: a factorized level whose q_j(a) falls below this is recomputed as an exact log-space sum
 REDO = 1e-30
@@ -71,11 +82,11 @@ def _production_consts(k: ProductionKernel, dtype: torch.dtype, device: torch.de
         equal = bool(torch.all(w == w.flatten()[0]))
         log_w = torch.where(w > 0, w.clamp_min(1e-300).log(), -math.inf)
         return _ProductionConsts(
-            gather=rows.permute(2, 0, 1).reshape(s, A * m).contiguous(),
+            gather=tuple(g.contiguous() for g in rows.permute(2, 0, 1).reshape(s, A * m)),  # a tuple: no select op per use
             weights=None if equal else w.to(dtype).unsqueeze(-1),
             log_weight=float(log_w.flatten()[0]),
             log_weights=log_w.to(dtype).unsqueeze(-1),
-            log_inv_min_weight=0.0 if equal else float(-w[w > 0].min().log()),
+            log_inv_min_weight=float(-w[w > 0].min().log()),
             rules=rules,
         )
 
@@ -90,7 +101,26 @@ def spread_of(h: torch.Tensor) -> float:
     """Largest distance (nats) of a finite entry of ``h`` (max 0 per column) below 0."""
     if h.numel() == 0:
         return 0.0
+    low = float(h.amin())  # one pass; the masked pass is only needed when some entry is -inf
+    if low > -math.inf:
+        return -low
     return float(-torch.where(h > -math.inf, h, 0.0).amin())
+
+
+def prob_spread_of(u: torch.Tensor) -> float:
+    """:func:`spread_of` of ``log(u)`` for ``u`` in probability form (max 1 per column, exact zeros allowed)."""
+    if u.numel() == 0:
+        return 0.0
+    low = float(u.amin())
+    if low <= 0.0:  # exact zeros (hard evidence): the smallest positive entry needs the masked pass
+        low = float(torch.where(u > 0, u, 1.0).amin())
+    return -math.log(low)
+
+
+def finite_shift(mx: torch.Tensor) -> torch.Tensor:
+    """A column max ``mx`` made safe to subtract: ``-inf`` (a column without mass) becomes the lowest
+    float, so that column's ``-inf`` entries stay ``-inf`` (``-inf - (-inf)`` would be NaN)."""
+    return mx.clamp_min(torch.finfo(mx.dtype).min)
 
 
 def shift_to_max0(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,23 +129,27 @@ def shift_to_max0(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Columns that are all ``-inf`` (impossible evidence) stay ``-inf`` with shift ``-inf``.
     """
     mx = h.amax(0)
-    h.sub_(torch.where(torch.isfinite(mx), mx, 0.0))
+    h.sub_(finite_shift(mx))
     return h, mx
 
 
 def logsumexp_and_softmax(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logsumexp, softmax)`` of ``g`` along ``dim``, consuming ``g``; all-``-inf`` slices give ``(-inf, 0)``."""
     mx = g.amax(dim, keepdim=True)
-    e = g.sub_(torch.where(torch.isfinite(mx), mx, 0.0)).exp_()
+    e = g.sub_(finite_shift(mx)).exp_()
     total = e.sum(dim, keepdim=True)
-    e.div_(torch.where(total > 0, total, 1.0))
+    e.div_(total.clamp_min(1.0))  # a slice with mass has an entry exp(0) = 1: total is 0 or >= 1
     return (mx + total.log()).squeeze(dim), e
 
 
 # ------------------------------------------------------------------------------ generic
 @singledispatch
-def upward(kernel, h: torch.Tensor):
-    """Children ``(C, s*M)`` -> parents ``(A, M)`` (max 0 per column), the shifts ``(M,)``, a cache."""
+def upward(kernel, x: torch.Tensor, prob: bool):
+    """Children ``(C, s*M)`` -> ``(parents (A, M), parents_prob, shifts (M,), cache)``.
+
+    ``x`` is in log form (max 0 per column) or, with ``prob``, in probability form (max 1 per
+    column); the parents come back in the form named by ``parents_prob``.
+    """
     raise TypeError(f"no BP rule for kernel type {type(kernel).__name__}")
 
 
@@ -131,18 +165,25 @@ def sample_down(kernel, parents: torch.Tensor, cache, generator: torch.Generator
     raise TypeError(f"no BP rule for kernel type {type(kernel).__name__}")
 
 
+def to_log(x: torch.Tensor, prob: bool) -> torch.Tensor:
+    """A message in log form; exact because probability-form entries are normal floats or 0."""
+    return x.log() if prob else x
+
+
 # --------------------------------------------------------------------------- production
 @upward.register
-def _(k: ProductionKernel, h: torch.Tensor):
+def _(k: ProductionKernel, x: torch.Tensor, prob: bool):
     # Inside recursion: h(a) = logsumexp_r [log w[a, r] + sum_j h_j(rules[a, r, j])].
-    c = _production_consts(k, h.dtype, h.device)
+    c = _production_consts(k, x.dtype, x.device)
     C, A, m, s = k.num_children, k.num_parents, k.num_rules, k.branching
-    M = h.shape[1] // s
-    if s * spread_of(h) + c.log_inv_min_weight <= SAFE_RANGE[h.dtype]:
-        # Every child entry is -inf or within spread_of(h) nats of its node's max, so no product of s of
-        # them (times a weight) can leave float range: probability space is exact here, and needs
-        # one exp per child entry instead of one per (rule, node).
-        rows = h.exp().view(C * s, M)
+    M = x.shape[1] // s
+    spread = prob_spread_of(x) if prob else spread_of(x)
+    if s * spread + c.log_inv_min_weight <= SAFE_RANGE[x.dtype]:
+        # Every child entry is 0 or within `spread` nats of its node's max, so no product of s of them
+        # (times a weight), nor a parent entry relative to its node's max, can leave the normal float
+        # range: probability space is exact here. The parents stay in probability form (max 1 per
+        # column), so the next level needs no exp either.
+        rows = (x if prob else x.exp_()).view(C * s, M)  # x is consumed: no new level-sized buffer
         terms = rows.index_select(0, c.gather[0])
         for j in range(1, s):
             terms.mul_(rows.index_select(0, c.gather[j]))
@@ -150,28 +191,36 @@ def _(k: ProductionKernel, h: torch.Tensor):
         if c.weights is not None:
             terms.mul_(c.weights)
         total = terms.sum(1)
-        rule_post = terms.div_(torch.where(total > 0, total, 1.0).unsqueeze(1))
-        h_parent = total.log_()
-    else:
-        rows = h.view(C * s, M)
-        g = rows.index_select(0, c.gather[0])
-        for j in range(1, s):  # sums over siblings, one gathered term at a time (s is 2 or 4)
-            g.add_(rows.index_select(0, c.gather[j]))
-        g = g.view(A, m, M)
-        if c.weights is not None:
-            g.add_(c.log_weights)
-        h_parent, rule_post = logsumexp_and_softmax(g, 1)  # rule_post[a, r] = p(r | a, evidence below)
+        mx = total.amax(0)
+        u_parent = total / mx.clamp_min(_TINY[x.dtype])  # a positive max is >= e^-SAFE_RANGE > tiny: unchanged
+        shift = mx.log()  # -inf for columns without mass (impossible evidence)
+        if c.weights is None:
+            shift.add_(c.log_weight)  # equal weights were left out of the sums
+        return u_parent, True, shift, (terms, total)  # p(r | a, below) = terms / total, left undivided
+    g_rows = to_log(x, prob).view(C * s, M)
+    g = g_rows.index_select(0, c.gather[0])
+    for j in range(1, s):  # sums over siblings, one gathered term at a time (s is 2 or 4)
+        g.add_(g_rows.index_select(0, c.gather[j]))
+    g = g.view(A, m, M)
+    if c.weights is not None:
+        g.add_(c.log_weights)
+    h_parent, rule_post = logsumexp_and_softmax(g, 1)  # rule_post[a, r] = p(r | a, evidence below)
     h_parent, shift = shift_to_max0(h_parent)
     if c.weights is None:
-        shift = shift + c.log_weight  # equal weights were left out of the sums
-    return h_parent, shift, rule_post
+        shift = shift + c.log_weight
+    return h_parent, False, shift, (rule_post, None)
 
 
 @downward.register
-def _(k: ProductionKernel, p: torch.Tensor, rule_post: torch.Tensor) -> torch.Tensor:
+def _(k: ProductionKernel, p: torch.Tensor, cache: tuple) -> torch.Tensor:
     # p(child j = b) = sum_{a, r: rules[a, r, j] = b} p(a) p(r | a, below). Consumes the cache.
     c = _production_consts(k, p.dtype, p.device)
-    joint = rule_post.mul_(p.unsqueeze(1)).view(k.num_parents * k.num_rules, -1)
+    rule_mass, total = cache
+    if total is None:
+        scale = p
+    else:  # p(r | a, below) = terms / total, total >= e^-SAFE_RANGE where positive: p / total cannot overflow
+        scale = p / total.clamp_min_(_TINY[p.dtype])  # p = 0 where total = 0
+    joint = rule_mass.mul_(scale.unsqueeze(1)).view(k.num_parents * k.num_rules, -1)
     child = torch.zeros(k.num_children * k.branching, joint.shape[1], dtype=p.dtype, device=p.device)
     for j in range(k.branching):  # scatter-add each rule's mass onto its j-th child's symbol
         child.index_add_(0, c.gather[j], joint)
@@ -179,21 +228,23 @@ def _(k: ProductionKernel, p: torch.Tensor, rule_post: torch.Tensor) -> torch.Te
 
 
 @sample_down.register
-def _(k: ProductionKernel, parents: torch.Tensor, rule_post: torch.Tensor, generator) -> torch.Tensor:
-    c = _production_consts(k, rule_post.dtype, rule_post.device)
+def _(k: ProductionKernel, parents: torch.Tensor, cache: tuple, generator) -> torch.Tensor:
+    rule_mass = cache[0]  # p(r | a, below), possibly unnormalised: categorical takes any scale
+    c = _production_consts(k, rule_mass.dtype, rule_mass.device)
     M = parents.shape[0]
-    probs = rule_post.gather(0, parents.view(1, 1, M).expand(1, k.num_rules, M)).squeeze(0).T  # (M, m)
+    probs = rule_mass.gather(0, parents.view(1, 1, M).expand(1, k.num_rules, M)).squeeze(0).T  # (M, m)
     rule = categorical(probs, generator=generator)
     return c.rules[parents, rule].T.reshape(-1)  # (s, M): child j of column x at j * M + x
 
 
 # --------------------------------------------------------------------------- factorized
 @upward.register
-def _(k: FactorizedKernel, h: torch.Tensor):
+def _(k: FactorizedKernel, x: torch.Tensor, prob: bool):
     # q_j(a) = log sum_b T_j(a, b) exp(h_j(b)); h(a) = sum_j q_j(a). Each child's h has max 0, so
     # exp(h) cannot overflow and a matmul gives q exactly unless a row of T meets only children
     # entries far below their max. With a small spread no q can (fast path); otherwise a q below
     # REDO sends the level to an exact log-space sum.
+    h = to_log(x, prob)
     t = _transitions(k, h.dtype, h.device)
     C, s = k.num_children, k.branching
     fast = spread_of(h) + _log_inv_min_positive(k, t) <= SAFE_RANGE[h.dtype]
@@ -206,7 +257,7 @@ def _(k: FactorizedKernel, h: torch.Tensor):
     else:
         log_q = q.log()
     h_parent, shift = shift_to_max0(log_q.sum(0))
-    return h_parent, shift, (hj, log_q, (u, q) if fast else None)
+    return h_parent, False, shift, (hj, log_q, (u, q) if fast else None)
 
 
 @downward.register
@@ -216,12 +267,12 @@ def _(k: FactorizedKernel, p: torch.Tensor, cache) -> torch.Tensor:
     t = _transitions(k, p.dtype, p.device)
     if fast is not None:  # every nonzero q is a normal float: plain products are exact (p = 0 wherever q = 0)
         u, q = fast
-        child = torch.matmul(t.transpose(1, 2), p.unsqueeze(0) / torch.where(q > 0, q, 1.0)).mul_(u)  # (s, C, M)
+        child = torch.matmul(t.transpose(1, 2), p.unsqueeze(0) / q.clamp_min(_TINY[q.dtype])).mul_(u)  # (s, C, M)
         return child.transpose(0, 1).reshape(k.num_children, -1)
     pp = p.unsqueeze(0)  # in log space with a max shift over a
     log_r = torch.where((pp > 0) & (log_q > -math.inf), pp.log() - log_q, -math.inf)  # (s, A, M); p = 0 wherever q = 0
     mx = log_r.amax(1, keepdim=True)
-    w = torch.matmul(t.transpose(1, 2), (log_r - torch.where(torch.isfinite(mx), mx, 0.0)).exp_())  # (s, C, M)
+    w = torch.matmul(t.transpose(1, 2), (log_r - finite_shift(mx)).exp_())  # (s, C, M)
     if bool((w < REDO).any()):  # some b sees only terms far below the max over a: exact log-space sum
         log_t = torch.where(t > 0, t.log(), -math.inf).transpose(1, 2)  # (s, C, A)
         log_w = torch.logsumexp(log_t.unsqueeze(-1) + log_r.unsqueeze(1), dim=2)  # (s, C, M)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hdiff.bp._order import from_internal, to_internal, tokens_from_internal
-from hdiff.bp.messages import logsumexp_and_softmax, downward, sample_down, upward
+from hdiff.bp.messages import downward, finite_shift, logsumexp_and_softmax, sample_down, to_log, upward
 from hdiff.ghm._random import categorical
 from hdiff.ghm.model import GHM
 
@@ -59,21 +59,22 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor):
     """Inside pass. Returns the root posterior ``(B, num_classes)``, log-evidence ``(B,)`` and caches."""
     leaf_log_lik = _check_evidence(ghm, leaf_log_lik)
     B = leaf_log_lik.shape[0]
-    mx = leaf_log_lik.amax(-1)  # (B, *leaf_shape); NaN and +inf propagate into the max: one pass checks both
+    # to internal order first: the per-leaf max is then a reduction over rows (fast), not over a short last dim
+    h = to_internal(leaf_log_lik, ghm.layout, ghm.branching, ghm.depth)  # (v, leaves * B)
+    mx = h.amax(0)  # NaN and +inf propagate into the max: one pass checks both
     top = mx.max() if mx.numel() else mx.new_zeros(())  # B = 0 runs through with empty tensors
     if torch.isnan(top):
         raise ValueError("leaf_log_lik contains NaN")
     if top == torch.inf:
         raise ValueError("leaf_log_lik contains +inf (log-likelihoods must be < +inf)")
-    log_scale = mx.reshape(B, ghm.num_leaves).double().sum(1)  # float64: the shifts can be large and of both signs
-    mx = torch.where(mx > -torch.inf, mx, 0.0)
-    # to internal order, then subtract each leaf's max in place: its largest entry becomes 0
-    h = to_internal(leaf_log_lik, ghm.layout, ghm.branching, ghm.depth)
-    h = h.sub_(to_internal(mx.unsqueeze(-1), ghm.layout, ghm.branching, ghm.depth))
+    log_scale = mx.view(ghm.num_leaves, B).sum(0, dtype=torch.float64)  # float64: the shifts can be large and of both signs
+    h.sub_(finite_shift(mx))  # each leaf's largest entry becomes 0
     caches = [None] * ghm.depth
+    prob = False  # h's form: log (max 0 per node) or probability (max 1 per node), as each level chooses
     for level in reversed(range(ghm.depth)):
-        h, shift, caches[level] = upward(ghm.kernels[level], h)
-        log_scale = log_scale + shift.view(ghm.branching**level, B).double().sum(0)
+        h, prob, shift, caches[level] = upward(ghm.kernels[level], h, prob)
+        log_scale += shift.view(ghm.branching**level, B).sum(0, dtype=torch.float64)
+    h = to_log(h, prob)
     prior = ghm.root_prior.to(device=h.device, dtype=h.dtype)
     logits = h + torch.where(prior > 0, prior.log(), -torch.inf).unsqueeze(1)  # (num_classes, B)
     lse, root = logsumexp_and_softmax(logits, 0)

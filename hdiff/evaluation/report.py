@@ -83,7 +83,8 @@ def plot_nelbo(metrics: dict, path: Path) -> None:
         ax.axhline(oracle[0], color="k", ls="--", label="oracle NELBO")
     ax.axhline(metrics["heldout_nll_bits_per_leaf"], color="tab:green", ls=":", label="exact NLL of the same data (BP)")
     ax.axhline(metrics["entropy_bits_per_leaf"], color="tab:red", ls="-.", lw=1, label="exact entropy")
-    ax.set(xscale="log", xlabel="training samples n", ylabel="bits per leaf", title=f"{metrics['process']} bound, held-out")
+    ax.set(xscale="log", yscale="log", xlabel="training samples n", ylabel="bits per leaf (log scale)",
+           title=f"{metrics['process']} bound, held-out")
     ax.legend(fontsize=7)
     _save(fig, path)
 

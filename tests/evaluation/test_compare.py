@@ -135,3 +135,17 @@ def test_compare_on_image_ghms(tmp_path):
     oracle = next(r for r in metrics["rows"] if r["denoiser"] == "oracle")
     assert oracle["fixed.validity"] == 1.0
     assert (tmp_path / "img" / "samples_unet_baseline_fixed.png").is_file()
+
+
+@pytest.mark.parametrize("process, sampler", [("gaussian", {"name": "ddim", "scheduler": "ddim", "steps": 10}),
+                                              ("uniform", {"name": "unif", "scheduler": "uniform", "steps": 10})])
+def test_compare_with_other_noise(tmp_path, process, sampler):
+    data = {**TINY, "noise": {"process": process},
+            "compare": {**TINY["compare"], "n_train": [16], "max_steps": [6], "nelbo_draws": 16, "samplers": [sampler]}}
+    metrics = run_compare(compare_config_from_dict(data), tmp_path / process, progress=False)
+    assert metrics["process"] == process
+    exact, exact_se = metrics["heldout_nll_bits_per_leaf"], metrics["heldout_nll_se"]
+    for r in metrics["rows"]:
+        assert r["nelbo_bits_per_leaf"] + 3 * r["nelbo_se"] >= exact - 3 * exact_se
+    oracle = next(r for r in metrics["rows"] if r["denoiser"] == "oracle")
+    assert abs(oracle["nelbo_bits_per_leaf"] - exact) < 4 * oracle["nelbo_se"] + 0.05
