@@ -14,8 +14,6 @@ question is only how many samples each architecture needs to approach it.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -32,6 +30,8 @@ from hdiff.bp import posterior
 from hdiff.config import GHMConfig, load_toml, to_toml
 from hdiff.denoisers import RootClassifier
 from hdiff.ghm import GHM
+from hdiff.evaluation.plots import save_figure
+from hdiff.training.artifacts import write_csv_atomic, write_text_atomic
 
 ModelName = Literal["convnet", "mlp"]
 
@@ -214,12 +214,6 @@ def n_at_fraction(ns: list[int], accuracies: list[float], target: float) -> floa
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot_accuracy(metrics: dict, path: str | os.PathLike) -> None:
     """Test accuracy vs ``n`` (log axis) per model, with the Bayes accuracy, 90% of it and chance."""
     from hdiff.evaluation.plots import plt
@@ -235,11 +229,7 @@ def plot_accuracy(metrics: dict, path: str | os.PathLike) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title(metrics["ghm"], fontsize=7)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def run_classify(cfg: ClassifyConfig, out: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -257,7 +247,7 @@ def run_classify(cfg: ClassifyConfig, out: str | os.PathLike, *, progress: bool 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.toml", to_toml(cfg))
+    write_text_atomic(out / "config.toml", to_toml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -294,12 +284,8 @@ def run_classify(cfg: ClassifyConfig, out: str | os.PathLike, *, progress: bool 
         res["n90"] = n_at_fraction(res["n"], res["test_accuracy"], 0.9 * bayes)
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["config"] = asdict(cfg)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(out / "metrics.csv", buf.getvalue())
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_csv_atomic(out / "metrics.csv", rows)
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     plot_accuracy(metrics, out / "accuracy.png")
     return metrics
 

@@ -20,10 +20,8 @@ the part of the cell in progress since its last checkpoint. Then ``metrics.json`
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -46,7 +44,7 @@ from hdiff.sampling import sample
 from hdiff.schedulers.factory import make_scheduler, scheduler_options
 from hdiff.training import TrainConfig, load_train_config, load_trained, train
 from hdiff.training.config import train_config_from_dict
-from hdiff.training.artifacts import write_text_atomic
+from hdiff.training.artifacts import write_csv_atomic, write_text_atomic
 from hdiff.training.data import GHMDataset, row_keys, stream_seed
 from hdiff.training.models import PROCESSES
 from hdiff.training.trainer import RESUMABLE_FIELDS, config_differences
@@ -283,12 +281,4 @@ def run_compare(cfg: CompareConfig, out: str | os.PathLike, *, progress: bool | 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     """``metrics.json`` (everything) and ``metrics.csv`` (one row per (n, denoiser), scalars only)."""
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-    rows = metrics["rows"]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, (list, dict))]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out / "metrics.csv", buf.getvalue())
+    write_csv_atomic(out / "metrics.csv", metrics["rows"])

@@ -28,9 +28,7 @@ probed here (only the exact oracle).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -47,6 +45,8 @@ from hdiff.config import GHMConfig, load_toml, to_toml
 from hdiff.ghm import GHM, to_tree_order
 from hdiff.noise import GaussianProcess, MaskingProcess, UniformProcess
 from hdiff.noise.base import NoiseProcess
+from hdiff.evaluation.plots import save_figure
+from hdiff.training.artifacts import write_csv_atomic, write_text_atomic
 
 ProcessName = Literal["masking", "gaussian", "uniform"]
 _PROCESSES = {"masking": MaskingProcess, "gaussian": GaussianProcess, "uniform": UniformProcess}
@@ -188,12 +188,6 @@ def transition(alphas: list[float], class_kept: list[float], collision: float) -
     return {"transition_alpha": mid, "transition_width": None if low is None or high is None else high - low}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot_probe(curves: list[dict], path: str | os.PathLike) -> None:
     """One row per process: class kept and changed leaves vs alpha (one colour per depth), per-level kept
     at the largest depth, and the chunk size."""
@@ -221,11 +215,7 @@ def plot_probe(curves: list[dict], path: str | os.PathLike) -> None:
         for ax in row:
             ax.set_xlabel("alpha (signal level)")
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 def run_probe(cfg: ProbeConfig, out: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -243,7 +233,7 @@ def run_probe(cfg: ProbeConfig, out: str | os.PathLike, *, progress: bool = True
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "config.toml", to_toml(cfg))
+    write_text_atomic(out / "config.toml", to_toml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -275,13 +265,8 @@ def run_probe(cfg: ProbeConfig, out: str | os.PathLike, *, progress: bool = True
             curves.append(curve)
     bar.close()
     metrics = {"curves": curves, "wall_seconds": time.perf_counter() - start, "config": dataclasses.asdict(cfg)}
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(out / "metrics.csv", buf.getvalue())
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_csv_atomic(out / "metrics.csv", rows)
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     plot_probe(curves, out / "probe.png")
     return metrics
 

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hdiff.evaluation.plots import symbol_colormap  # noqa: E402
+from hdiff.evaluation.plots import save_figure, symbol_colormap  # noqa: E402
 from hdiff.training.artifacts import write_text_atomic  # noqa: E402
 
 ORACLE = "oracle"
@@ -41,14 +41,6 @@ def _learned(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["denoiser"] for r in rows if r["denoiser"] != ORACLE))
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_validity(metrics: dict, path: Path) -> None:
     """Validity per sampler vs n (left); per-level validity of the first sampler vs n (right)."""
     rows, samplers = metrics["rows"], [s["name"] for s in metrics["samplers"]]
@@ -67,7 +59,7 @@ def plot_validity(metrics: dict, path: Path) -> None:
     b.set(xscale="log", xlabel="training samples n", ylabel="fraction coherent", ylim=(-0.02, 1.02),
           title=f"per-level validity ({model}, {main}); oracle = 1")
     b.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_nelbo(metrics: dict, path: Path) -> None:
@@ -86,7 +78,7 @@ def plot_nelbo(metrics: dict, path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="training samples n", ylabel="bits per leaf (log scale)",
            title=f"{metrics['process']} bound, held-out")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_memorisation(metrics: dict, path: Path) -> None:
@@ -99,7 +91,7 @@ def plot_memorisation(metrics: dict, path: Path) -> None:
     ax.plot(*_series(rows, ORACLE, f"{main}.memorisation"), "k--", label="oracle memorised")
     ax.set(xscale="log", xlabel="training samples n", ylabel="fraction of samples", ylim=(-0.02, 1.02), title=main)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_kl(metrics: dict, path: Path) -> None:
@@ -115,7 +107,7 @@ def plot_kl(metrics: dict, path: Path) -> None:
             ax.plot(centres, kl, "o-", color=cmap(k / max(1, len(mine) - 1)), label=f"n={r['n']}")
         ax.set(yscale="log", xlabel="signal level alpha (1 = clean)", ylabel="nats per noised leaf", title=model)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_panels(panels: list[tuple[str, torch.Tensor]], vocab_size: int, path: Path, title: str) -> None:
@@ -138,7 +130,7 @@ def plot_panels(panels: list[tuple[str, torch.Tensor]], vocab_size: int, path: P
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _sample_pictures(out: Path, metrics: dict) -> list[str]:

@@ -31,6 +31,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows of scalars as CSV (columns in order of first appearance; lists and dicts left out), atomically."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, (list, dict))))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
 def save_pretrained_atomic(model: Any, directory: Path) -> None:
     """``model.save_pretrained`` into a temporary directory, then swap it in: never half a model."""
     tmp = directory.with_name(f".{directory.name}.tmp")
