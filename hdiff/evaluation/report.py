@@ -118,14 +118,14 @@ def plot_panels(panels: list[tuple[str, torch.Tensor]], vocab_size: int, path: P
     fig, axes = plt.subplots(1, cols, figsize=(min(3.2 * cols, 18), 3.4), squeeze=False)
     for ax, (label, tokens) in zip(axes[0], panels):
         x = tokens.numpy()
-        if images:  # tile the images in a grid
+        if images:  # tile the images in a grid, one blank pixel between them
             k = int(np.ceil(np.sqrt(len(x))))
-            pad = np.full((k * k, *x.shape[1:]), -1)
-            pad[:len(x)] = x
-            h, w = x.shape[1:]
-            x = pad.reshape(k, k, h, w).transpose(0, 2, 1, 3).reshape(k * h, k * w)
-        ax.imshow(np.ma.masked_less(x, 0), cmap=cmap, vmin=-0.5, vmax=vocab_size - 0.5, aspect="auto",
-                  interpolation="nearest")
+            h, w = x.shape[1] + 1, x.shape[2] + 1
+            pad = np.full((k * k, h, w), -1)
+            pad[:len(x), :-1, :-1] = x
+            x = pad.reshape(k, k, h, w).transpose(0, 2, 1, 3).reshape(k * h, k * w)[:-1, :-1]
+        ax.imshow(np.ma.masked_less(x, 0), cmap=cmap, vmin=-0.5, vmax=vocab_size - 0.5,
+                  aspect="equal" if images else "auto", interpolation="nearest")
         ax.set_title(label, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -157,7 +157,7 @@ def headline(metrics: dict) -> tuple[list[str], list[list[str]]]:
     samplers = [s["name"] for s in metrics["samplers"]]
     main = samplers[0]
     head = ["n", "denoiser", *[f"valid ({s})" for s in samplers], f"memorised ({main})", f"novel ({main})",
-            f"diversity ({main})", "NELBO bits/leaf", "KL(oracle||learned)"]
+            f"diversity ({main})", "NELBO bits/leaf", "KL(oracle‖learned) nats"]
 
     def pct(v: Any) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
