@@ -208,7 +208,8 @@ class Sweep:
         if len(jobs) < 2 or self.cfg.compare.workers < 2:
             return  # trained in order by run_cell
         context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start is unsafe
-        with ProcessPoolExecutor(max_workers=self.cfg.compare.workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=self.cfg.compare.workers, mp_context=context,
+                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_train_worker, dataclasses.asdict(tcfg), str(run_dir)) for tcfg, run_dir in jobs]
             show = self.show if self.show is not None else os.isatty(2)
             for future in tqdm(as_completed(futures), total=len(futures), desc="train", disable=not show):
@@ -271,6 +272,23 @@ def _train_worker(cfg: dict, run_dir: str) -> None:
     torch.set_num_threads(1)
     keep_freed_memory()
     train_cell(train_config_from_dict(cfg), Path(run_dir), progress=False)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a daemon thread ends this worker once the sweep's process is gone.
+
+    A sweep killed by a signal (not Ctrl-C, which reaches the whole process group) would otherwise
+    leave its workers training, or blocked forever waiting for work; checkpoints already on disk
+    survive, and the next run resumes from them.
+    """
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def run_compare(cfg: CompareConfig, out: str | os.PathLike, *, progress: bool | None = None) -> dict[str, Any]:

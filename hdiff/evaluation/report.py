@@ -110,45 +110,51 @@ def plot_kl(metrics: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_panels(panels: list[tuple[str, torch.Tensor]], vocab_size: int, path: Path, title: str) -> None:
-    """Samples of several cells side by side: one subplot per ``(label, tokens)``."""
+def plot_panels(grid: list[list[tuple[str, torch.Tensor]]], vocab_size: int, path: Path, title: str) -> None:
+    """Samples of several cells side by side: one row of subplots per list of ``(label, tokens)``."""
     cmap = symbol_colormap(vocab_size)
-    images = panels[0][1].ndim == 3
-    cols = len(panels)
-    fig, axes = plt.subplots(1, cols, figsize=(min(3.2 * cols, 18), 3.4), squeeze=False)
-    for ax, (label, tokens) in zip(axes[0], panels):
-        x = tokens.numpy()
-        if images:  # tile the images in a grid, one blank pixel between them
-            k = int(np.ceil(np.sqrt(len(x))))
-            h, w = x.shape[1] + 1, x.shape[2] + 1
-            pad = np.full((k * k, h, w), -1)
-            pad[:len(x), :-1, :-1] = x
-            x = pad.reshape(k, k, h, w).transpose(0, 2, 1, 3).reshape(k * h, k * w)[:-1, :-1]
-        ax.imshow(np.ma.masked_less(x, 0), cmap=cmap, vmin=-0.5, vmax=vocab_size - 0.5,
-                  aspect="equal" if images else "auto", interpolation="nearest")
-        ax.set_title(label, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    images = grid[0][0][1].ndim == 3
+    rows, cols = len(grid), max(len(r) for r in grid)
+    fig, axes = plt.subplots(rows, cols, figsize=(min(3.0 * cols, 18), 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, panels in zip(axes, grid):
+        for ax, (label, tokens) in zip(row, panels):
+            x = tokens.numpy()
+            if images:  # tile the images in a grid, one blank pixel between them
+                k = int(np.ceil(np.sqrt(len(x))))
+                h, w = x.shape[1] + 1, x.shape[2] + 1
+                pad = np.full((k * k, h, w), -1)
+                pad[:len(x), :-1, :-1] = x
+                x = pad.reshape(k, k, h, w).transpose(0, 2, 1, 3).reshape(k * h, k * w)[:-1, :-1]
+            ax.imshow(np.ma.masked_less(x, 0), cmap=cmap, vmin=-0.5, vmax=vocab_size - 0.5,
+                      aspect="equal" if images else "auto", interpolation="nearest")
+            ax.set_title(label, fontsize=8)
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
 
 def _sample_pictures(out: Path, metrics: dict) -> list[str]:
-    """One panel figure per (denoiser, sampler): its samples at every n. Returns the file names."""
+    """One figure per sampler: the oracle's samples, then each learned model's at every n (a row per
+    model, one palette colour per symbol). Returns the file names."""
     names, rows = [], metrics["rows"]
-    for denoiser in [*_learned(rows), ORACLE]:
-        for s in metrics["samplers"]:
+    ns = sorted({r["n"] for r in rows})
+    for s in metrics["samplers"]:
+        grid = []
+        for denoiser in [ORACLE, *_learned(rows)]:
             panels = []
-            for n in sorted(r["n"] for r in rows if r["denoiser"] == denoiser):
+            for n in ns:
                 f = out / "samples" / f"{denoiser}_n{n}.{s['name']}.pt"
                 if f.is_file():
-                    panels.append((f"n={n}", torch.load(f)))
+                    panels.append((f"{denoiser}" if denoiser == ORACLE else f"{denoiser}, n={n}", torch.load(f)))
                 if denoiser == ORACLE and panels:
                     break  # the oracle does not depend on n
             if panels:
-                name = f"samples_{denoiser}_{s['name']}.png"
-                plot_panels(panels, metrics["vocab_size"], out / name, f"{denoiser}: {s['name']} ({s['steps']} steps)")
-                names.append(name)
+                grid.append(panels)
+        if grid:
+            name = f"samples_{s['name']}.png"
+            plot_panels(grid, metrics["vocab_size"], out / name, f"samples: {s['name']} ({s['steps']} steps)")
+            names.append(name)
     return names
 
 

@@ -42,8 +42,8 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert main(["compare", "--config", str(path), "--out", str(out), "--quiet"]) == 0
     assert "report.html" in capsys.readouterr().out
     for f in ("metrics.json", "metrics.csv", "report.html", "report.md", "config.toml", "validity.png", "nelbo.png",
-              "memorisation.png", "kl.png", "samples_oracle_fixed.png", "samples_tree_unet_bern.png",
-              "samples_unet_baseline_fixed.png"):
+              "memorisation.png", "kl.png", "samples_fixed.png", "samples_bern.png",
+              ):
         assert (out / f).is_file(), f
     assert "<img src=\"data:image/png;base64," in (out / "report.html").read_text()  # self-contained
     metrics = json.loads((out / "metrics.json").read_text())
@@ -134,7 +134,7 @@ def test_compare_on_image_ghms(tmp_path):
     assert metrics["layout"] == "image" and len(metrics["rows"]) == 3
     oracle = next(r for r in metrics["rows"] if r["denoiser"] == "oracle")
     assert oracle["fixed.validity"] == 1.0
-    assert (tmp_path / "img" / "samples_unet_baseline_fixed.png").is_file()
+    assert (tmp_path / "img" / "samples_fixed.png").is_file()
 
 
 @pytest.mark.parametrize("process, sampler", [("gaussian", {"name": "ddim", "scheduler": "ddim", "steps": 10}),
