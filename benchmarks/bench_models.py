@@ -12,6 +12,7 @@ UNet1DModel, default config), ``BPDenoiser`` (the exact oracle); forward under
 ``nll_loss``, backward, AdamW step) at batch 128 on the demo GHM, for the tree U-Net (width 64)
 with fused AdamW and with torch's default AdamW (a loop over parameter tensors on CPU), and the
 baseline with fused AdamW.
+Also the whole ``hdiff.training.train`` loop on configs/train_demo.toml (ms per step, 300 steps).
 
 Timing: one warm-up call each, then the median (and min) of ``--repeats`` rounds, calls
 interleaved within a round so that load from other processes hits every model alike.
@@ -109,6 +110,22 @@ def training(repeats: int) -> list[dict[str, Any]]:
              "ms_per_step_min": times[k]["min"], "steps_per_s": 1e3 / times[k]["median"]} for k, (m, _) in runs.items()]
 
 
+def train_loop(steps: int = 300) -> dict[str, Any]:
+    """``hdiff.training.train`` itself on configs/train_demo.toml (tree U-Net, width 64, batch 128):
+    ms per step of the whole loop (data, noise, forward, backward, clipping, fused AdamW, EMA,
+    logging), evaluation and checkpoints pushed past the end; what ``hdiff compare`` pays per step."""
+    import tempfile
+
+    from hdiff.training import load_train_config, train
+
+    cfg = load_train_config(Path(__file__).parent.parent / "configs" / "train_demo.toml").replace(**{
+        "optim.max_steps": steps, "run.eval_every": 10**6, "run.checkpoint_every": 10**6})
+    with tempfile.TemporaryDirectory() as out:
+        result = train(cfg, out, progress=False)
+    # time_s includes the final held-out evaluation (a few hundred ms): a slight overestimate
+    return {"case": "demo", "run": "train() loop, tree_unet", "steps": steps, "ms_per_step": 1e3 * result.time_s / steps}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of --repeats")
@@ -134,6 +151,9 @@ def main() -> int:
         for r in training(repeats):
             train_rows.append({"threads": threads, **r})
             print(f"{r['run']:24} {r['ms_per_step']:9.2f} {r['ms_per_step_min']:9.2f} {r['steps_per_s']:9.1f}", flush=True)
+        loop = train_loop(100 if args.quick else 300)
+        train_rows.append({"threads": threads, **loop})
+        print(f"{loop['run']:24} {loop['ms_per_step']:9.2f}", flush=True)
     result = {
         "benchmark": "learned denoisers vs the BP oracle: forward ms (masking noise) and training ms/step",
         "repeats": repeats, "statistic": "median (and min) of interleaved rounds after one warm-up",
