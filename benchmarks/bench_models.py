@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import bench, machine_info, prepare_run, write_result  # noqa: E402
 from torch.nn import functional as F
 
-from hdiff.denoisers import BPDenoiser, TreeUNet, UNet1DBaseline
+from hdiff.denoisers import BPDenoiser
+from hdiff.models import TreeUNet, UNet1DBaseline
 from hdiff.ghm import GHM
 from hdiff.noise import MaskingProcess
 

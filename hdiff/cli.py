@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hdiff never needs a hub; set bef
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from hdiff.evaluation.quicklook import format_summary, run_quicklook
+    from hdiff.experiments.demo import format_summary, run_quicklook
 
     summary = run_quicklook(args.out)
     print(format_summary(summary))
@@ -54,27 +54,25 @@ def _same_ghm(a, b) -> bool:
     return True
 
 
-_PROCESS_NAMES = {"masked": "masking", "uniform": "uniform", "gaussian": "gaussian"}  # CLI name -> process.kind
-
-
 def _sampling_denoiser(args: argparse.Namespace):
-    """``(ghm, process, denoiser)`` for ``hdiff sample``: the BP oracle, or a trained run directory.
+    """``(ghm, process, denoiser, schedule)`` for ``hdiff sample``: the BP oracle, or a trained run directory.
 
-    A run directory brings its own GHM and noise process; ``--ghm`` / ``--process``, if given,
-    must agree with them. Resolves ``args.process`` to the name actually used.
+    A run directory brings its own GHM, noise process and schedule; ``--ghm`` / ``--process``, if
+    given, must agree with them. Resolves ``args.process`` to the name actually used.
     """
-    from hdiff.noise import GaussianProcess, MaskingProcess, UniformProcess
+    from hdiff.noise import get_process
 
+    if args.process == "masked":  # the name before the process registry; kept as an alias
+        args.process = "masking"
     if args.denoiser == "oracle":
         from hdiff.denoisers import BPDenoiser
 
         if args.ghm is None:
             raise ValueError("--ghm is required with --denoiser oracle")
-        args.process = args.process or "masked"
+        args.process = args.process or "masking"
         ghm = _load_ghm(args.ghm)
-        classes = {"gaussian": GaussianProcess, "masked": MaskingProcess, "uniform": UniformProcess}
-        process = classes[args.process](ghm.vocab_size)
-        return ghm, process, BPDenoiser(ghm, process)
+        process = get_process(args.process, ghm.vocab_size)
+        return ghm, process, BPDenoiser(ghm, process), None
     from hdiff.training import is_run_dir, load_trained
     from hdiff.training.models import process_of
 
@@ -84,12 +82,12 @@ def _sampling_denoiser(args: argparse.Namespace):
     model, ghm, cfg = load_trained(args.denoiser)
     if args.ghm is not None and not _same_ghm(_load_ghm(args.ghm), ghm):
         raise ValueError(f"--ghm {args.ghm!r} is not the GHM the model in {args.denoiser!r} was trained on")
-    name = {kind: cli for cli, kind in _PROCESS_NAMES.items()}[cfg.noise.process]
-    if args.process not in (None, name):
-        raise ValueError(f"--process {args.process}: the model in {args.denoiser!r} was trained with {name} noise")
-    args.process = name
+    if args.process not in (None, cfg.noise.process):
+        raise ValueError(f"--process {args.process}: the model in {args.denoiser!r} was trained with "
+                         f"{cfg.noise.process} noise")
+    args.process = cfg.noise.process
     model.requires_grad_(False)  # the pipeline runs under no_grad anyway; this also keeps autograd out of hooks
-    return ghm, process_of(model, ghm.vocab_size), model
+    return ghm, process_of(model, ghm.vocab_size), model, cfg.schedule
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -118,13 +116,15 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from hdiff.evaluation.plots import plot_tokens
-    from hdiff.evaluation.samples import sample_metrics
+    from hdiff.experiments.plots import plot_tokens
+    from hdiff.metrics import sample_quality
     from hdiff.sampling import HierarchicalDiffusionPipeline
-    from hdiff.schedulers.factory import make_scheduler, scheduler_options
+    from hdiff.schedulers.factory import check_pair, make_scheduler, scheduler_options
 
-    ghm, process, denoiser = _sampling_denoiser(args)
-    scheduler = make_scheduler(args.scheduler, prediction_type=args.prediction_type, unmasking=args.unmasking)
+    ghm, process, denoiser, schedule = _sampling_denoiser(args)
+    check_pair(process, args.scheduler)
+    scheduler = make_scheduler(args.scheduler, prediction_type=args.prediction_type, unmasking=args.unmasking,
+                               schedule=schedule if args.scheduler != "discrete-ddim" else None)
     pipe = HierarchicalDiffusionPipeline(denoiser, scheduler, process)
     gen = torch.Generator().manual_seed(args.seed)
     tokens = pipe(batch_size=args.num, num_inference_steps=args.steps, generator=gen, x0_mode=args.x0_mode,
@@ -134,20 +134,20 @@ def _sample(args: argparse.Namespace) -> int:
     torch.save(tokens, out / "tokens.pt")
     np.save(out / "tokens.npy", tokens.numpy())
     metrics = {"ghm": repr(ghm), "denoiser": args.denoiser, "process": args.process, "scheduler": args.scheduler,
-               "steps": args.steps, "x0_mode": args.x0_mode, "seed": args.seed, **sample_metrics(ghm, tokens)}
+               "steps": args.steps, "x0_mode": args.x0_mode, "seed": args.seed, **sample_quality(ghm, tokens)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_tokens(tokens, ghm.vocab_size, out / "samples.png",
                 title=f"{args.denoiser}, {args.process} noise, {args.scheduler} x {args.steps}")
-    print(f"valid {100 * metrics['valid_fraction']:.1f}%  log p {metrics['log_prob_bits_per_leaf']} bits/leaf  -> {out}")
+    print(f"valid {100 * metrics['validity']:.1f}%  NLL {metrics['nll_bits_per_leaf']} bits/leaf  -> {out}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     import time
 
-    from hdiff.evaluation.compare import run_compare
-    from hdiff.evaluation.compare_config import load_compare_config
-    from hdiff.evaluation.report import headline
+    from hdiff.experiments.compare import run_compare
+    from hdiff.experiments.compare_config import load_compare_config
+    from hdiff.experiments.report import headline
 
     cfg = load_compare_config(args.config)
     start = time.monotonic()
@@ -163,7 +163,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from hdiff.evaluation.classify import format_classify, load_classify_config, run_classify
+    from hdiff.experiments.classify import format_classify, load_classify_config, run_classify
 
     metrics = run_classify(load_classify_config(args.config), args.out)
     print(format_classify(metrics))
@@ -172,7 +172,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from hdiff.evaluation.probe import format_probe, load_probe_config, run_probe
+    from hdiff.experiments.probe import format_probe, load_probe_config, run_probe
 
     metrics = run_probe(load_probe_config(args.config), args.out)
     print(format_probe(metrics))
@@ -193,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(required with the oracle; a trained run brings its own)")
     smp.add_argument("--denoiser", default="oracle",
                      help="'oracle' (exact BP) or a trained run directory (hdiff train --out)")
-    smp.add_argument("--process", choices=["masked", "uniform", "gaussian"], default=None,
-                     help="noise process (default: masked; a trained run's own)")
+    smp.add_argument("--process", choices=["masking", "uniform", "gaussian", "masked"], default=None,
+                     help="noise process (default: masking; a trained run's own; 'masked' = masking)")
     smp.add_argument("--scheduler", default="masked",
-                     help="ddpm | ddim | euler | dpmsolver (gaussian); masked (masked); uniform | discrete-ddim (uniform)")
+                     help="ddpm | ddim | euler | dpmsolver (gaussian); masked (masking); uniform | discrete-ddim (uniform)")
     smp.add_argument("--steps", type=int, default=64)
     smp.add_argument("--num", type=int, default=256, help="number of samples")
     smp.add_argument("--unmasking", choices=["bernoulli", "fixed"], default="bernoulli")

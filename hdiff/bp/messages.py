@@ -33,6 +33,7 @@ import math
 import weakref
 from dataclasses import dataclass
 from functools import singledispatch
+from typing import NamedTuple
 
 import torch
 
@@ -49,6 +50,35 @@ class _ProductionConsts:
     # over rules can reach m, and its smallest entry relative to its largest is what bounds the range
     log_inv_min_weight: float
     rules: torch.Tensor  # (A, m, s)
+
+
+class ProductionCache(NamedTuple):
+    """What a production level's upward pass leaves for its downward pass and joint sampling.
+
+    Attributes:
+        rule_mass: ``(A, m, M)``: ``p(r | a, evidence below)`` when ``total`` is None (log-space
+            path), else the unnormalised rule terms whose sum over ``r`` is ``total`` (fast path).
+        total: ``(A, M)`` the normaliser of ``rule_mass``, or None when it is normalised already.
+    """
+
+    rule_mass: torch.Tensor
+    total: torch.Tensor | None
+
+
+class FactorizedCache(NamedTuple):
+    """What a factorized level's upward pass leaves for its downward pass and joint sampling.
+
+    Attributes:
+        child_log: ``(s, C, M)`` the children's upward log-messages ``h_j(b)`` (max 0 per node).
+        log_q: ``(s, A, M)`` the child-to-parent messages ``q_j(a) = log sum_b T_j(a, b) e^{h_j(b)}``.
+        child_prob: ``(s, C, M)`` ``exp(h_j)``, kept only on the fast path (else None).
+        q: ``(s, A, M)`` ``exp(q_j)``, kept only on the fast path (else None).
+    """
+
+    child_log: torch.Tensor
+    log_q: torch.Tensor
+    child_prob: torch.Tensor | None
+    q: torch.Tensor | None
 
 
 #: largest spread (nats) of a product that probability space holds exactly (normal floats only)
@@ -75,7 +105,7 @@ def _cached(kernel, dtype: torch.dtype, device: torch.device, build):
 
 def _production_consts(k: ProductionKernel, dtype: torch.dtype, device: torch.device) -> _ProductionConsts:
     def build() -> _ProductionConsts:
-        A, m, s, C = k.num_parents, k.num_rules, k.branching, k.num_children
+        A, m, s = k.num_parents, k.num_rules, k.branching
         rules = k.rules.to(device)
         rows = rules * s + torch.arange(s, device=device)  # (A, m, s)
         w = k.weights.to(device)
@@ -196,7 +226,7 @@ def _(k: ProductionKernel, x: torch.Tensor, prob: bool):
         shift = mx.log()  # -inf for columns without mass (impossible evidence)
         if c.weights is None:
             shift.add_(c.log_weight)  # equal weights were left out of the sums
-        return u_parent, True, shift, (terms, total)  # p(r | a, below) = terms / total, left undivided
+        return u_parent, True, shift, ProductionCache(terms, total)  # p(r | a, below) = terms / total, left undivided
     g_rows = to_log(x, prob).view(C * s, M)
     g = g_rows.index_select(0, c.gather[0])
     for j in range(1, s):  # sums over siblings, one gathered term at a time (s is 2 or 4)
@@ -208,14 +238,14 @@ def _(k: ProductionKernel, x: torch.Tensor, prob: bool):
     h_parent, shift = shift_to_max0(h_parent)
     if c.weights is None:
         shift = shift + c.log_weight
-    return h_parent, False, shift, (rule_post, None)
+    return h_parent, False, shift, ProductionCache(rule_post, None)
 
 
 @downward.register
-def _(k: ProductionKernel, p: torch.Tensor, cache: tuple) -> torch.Tensor:
+def _(k: ProductionKernel, p: torch.Tensor, cache: ProductionCache) -> torch.Tensor:
     # p(child j = b) = sum_{a, r: rules[a, r, j] = b} p(a) p(r | a, below). Consumes the cache.
     c = _production_consts(k, p.dtype, p.device)
-    rule_mass, total = cache
+    rule_mass, total = cache.rule_mass, cache.total
     if total is None:
         scale = p
     else:  # p(r | a, below) = terms / total, total >= e^-SAFE_RANGE where positive: p / total cannot overflow
@@ -228,8 +258,8 @@ def _(k: ProductionKernel, p: torch.Tensor, cache: tuple) -> torch.Tensor:
 
 
 @sample_down.register
-def _(k: ProductionKernel, parents: torch.Tensor, cache: tuple, generator) -> torch.Tensor:
-    rule_mass = cache[0]  # p(r | a, below), possibly unnormalised: categorical takes any scale
+def _(k: ProductionKernel, parents: torch.Tensor, cache: ProductionCache, generator) -> torch.Tensor:
+    rule_mass = cache.rule_mass  # p(r | a, below), possibly unnormalised: categorical takes any scale
     c = _production_consts(k, rule_mass.dtype, rule_mass.device)
     M = parents.shape[0]
     probs = rule_mass.gather(0, parents.view(1, 1, M).expand(1, k.num_rules, M)).squeeze(0).T  # (M, m)
@@ -257,16 +287,16 @@ def _(k: FactorizedKernel, x: torch.Tensor, prob: bool):
     else:
         log_q = q.log()
     h_parent, shift = shift_to_max0(log_q.sum(0))
-    return h_parent, False, shift, (hj, log_q, (u, q) if fast else None)
+    return h_parent, False, shift, FactorizedCache(hj, log_q, u if fast else None, q if fast else None)
 
 
 @downward.register
-def _(k: FactorizedKernel, p: torch.Tensor, cache) -> torch.Tensor:
+def _(k: FactorizedKernel, p: torch.Tensor, cache: FactorizedCache) -> torch.Tensor:
     # p(child j = b) ∝ exp(h_j(b)) sum_a T_j(a, b) p(a) / exp(q_j(a))
-    hj, log_q, fast = cache
+    hj, log_q = cache.child_log, cache.log_q
     t = _transitions(k, p.dtype, p.device)
-    if fast is not None:  # every nonzero q is a normal float: plain products are exact (p = 0 wherever q = 0)
-        u, q = fast
+    if cache.q is not None:  # every nonzero q is a normal float: plain products are exact (p = 0 wherever q = 0)
+        u, q = cache.child_prob, cache.q
         child = torch.matmul(t.transpose(1, 2), p.unsqueeze(0) / q.clamp_min(_TINY[q.dtype])).mul_(u)  # (s, C, M)
         return child.transpose(0, 1).reshape(k.num_children, -1)
     pp = p.unsqueeze(0)  # in log space with a max shift over a
@@ -289,8 +319,8 @@ def _log_inv_min_positive(k: FactorizedKernel, t: torch.Tensor) -> float:
 
 
 @sample_down.register
-def _(k: FactorizedKernel, parents: torch.Tensor, cache, generator) -> torch.Tensor:
-    hj = cache[0]
+def _(k: FactorizedKernel, parents: torch.Tensor, cache: FactorizedCache, generator) -> torch.Tensor:
+    hj = cache.child_log
     t = _transitions(k, hj.dtype, hj.device)
     logit = torch.where(t > 0, t.log(), -math.inf)[:, parents] + hj.transpose(1, 2)  # (s, M, C): T_j(a, b) exp(h_j(b))
     _, probs = logsumexp_and_softmax(logit, -1)

@@ -1,11 +1,11 @@
-"""Denoisers: the exact BP oracle and learned networks behind one protocol."""
+"""Denoisers: the protocol every denoiser follows, the exact BP oracle, and the base of learned ones.
 
-from hdiff.denoisers.base import Denoiser, JointSampler
-from hdiff.denoisers.baselines import UNet1DBaseline, UNet2DBaseline
-from hdiff.denoisers.classifier import RootClassifier
+The network architectures themselves (tree U-Net, BP U-Net, diffusers baselines, the root
+classifier) live in :mod:`hdiff.models`.
+"""
+
+from hdiff.denoisers.base import Denoiser
 from hdiff.denoisers.learned import LearnedDenoiser
 from hdiff.denoisers.oracle import BPDenoiser
-from hdiff.denoisers.tree_unet import TreeUNet
 
-__all__ = ["Denoiser", "JointSampler", "BPDenoiser", "LearnedDenoiser", "TreeUNet", "UNet1DBaseline",
-           "UNet2DBaseline", "RootClassifier"]
+__all__ = ["Denoiser", "BPDenoiser", "LearnedDenoiser"]

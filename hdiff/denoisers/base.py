@@ -1,4 +1,4 @@
-"""The denoiser currency: the posterior over clean leaves (DESIGN.md).
+"""The denoiser currency: the posterior over clean leaves (docs/denoisers.md).
 
 Every denoiser, exact or learned, maps a noisy state and its signal level to
 ``log p(x0_i = b | x_t)``, shape ``(B, v, *leaf_shape)`` (channels-first log-probabilities).
@@ -28,22 +28,3 @@ class Denoiser(Protocol):
     def __call__(self, x_t: torch.Tensor, alpha: Alpha) -> torch.Tensor:  # pragma: no cover - protocol
         ...
 
-
-@runtime_checkable
-class JointSampler(Protocol):
-    """A denoiser that can also draw ``x0`` jointly from ``p(x0 | x_t)`` (the BP oracle)."""
-
-    def sample_x0(self, x_t: torch.Tensor, alpha: Alpha, *,
-                  generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover - protocol
-        """Draws ``x0`` jointly from the exact posterior ``p(x0 | x_t)``.
-
-        Args:
-            x_t: the noisy state: tokens ``(B, *leaf_shape)`` for discrete noise, or
-                ``(B, k, *leaf_shape)`` embeddings for Gaussian noise.
-            alpha: the signal level of ``x_t`` (a float, or one per sample ``(B,)``).
-            generator: the random generator of the draw.
-
-        Returns:
-            ``(B, *leaf_shape)`` LongTensor of clean tokens, one joint draw per sample.
-        """
-        ...

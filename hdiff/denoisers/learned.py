@@ -1,9 +1,8 @@
 """The shared base of learned denoisers: the Denoiser protocol on a diffusers ``ModelMixin``.
 
-A learned denoiser predicts the same currency as the BP oracle (DESIGN.md, "Noise processes and
-the denoiser currency"): ``model(x_t, alpha) -> log p(x0_i = b | x_t)``, shape
+A learned denoiser predicts the same currency as the BP oracle (docs/denoisers.md): ``model(x_t, alpha) -> log p(x0_i = b | x_t)``, shape
 ``(B, v, *leaf_shape)`` float32 log-probabilities. ``log_softmax`` is taken inside ``forward``, so
-the output goes unchanged to :class:`~hdiff.schedulers.DiffusersModel`, every scheduler and
+the output goes unchanged to :class:`~hdiff.schedulers.SchedulerModelAdapter`, every scheduler and
 :class:`~hdiff.sampling.HierarchicalDiffusionPipeline`, and training is
 ``nll_loss(model(x_t, alpha), x0)`` (cross-entropy is the proper loss for a posterior).
 
@@ -27,24 +26,12 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 
 from hdiff.ghm.layout import LAYOUTS, level_shape
-from hdiff.noise import GaussianProcess, MaskingProcess, UniformProcess
-from hdiff.noise.base import Alpha, NoiseProcess
+from hdiff.noise import NoiseProcess, get_process
+from hdiff.noise.base import Alpha
 
-PROCESS_KINDS = ("gaussian", "masking", "uniform")
 #: Gaussian log-SNR is clamped to +-LOG_SNR_MAX (alpha = 1 or 0 would give +-inf). The diffusers
 #: linear schedule spans about [-10, 9.2]; cosine schedules reach further into the noise.
 LOG_SNR_MAX = 15.0
-
-
-def make_process(kind: str, vocab_size: int) -> NoiseProcess:
-    """The noise process named ``kind`` (Gaussian uses the default embedding ``2 onehot - 1``, ``k = v``)."""
-    if kind == "gaussian":
-        return GaussianProcess(vocab_size)
-    if kind == "masking":
-        return MaskingProcess(vocab_size)
-    if kind == "uniform":
-        return UniformProcess(vocab_size)
-    raise ValueError(f"process must be one of {PROCESS_KINDS}, got {kind!r}")
 
 
 def fourier_features(u: torch.Tensor, dim: int, max_freq: float = 1000.0) -> torch.Tensor:
@@ -107,7 +94,7 @@ class LearnedDenoiser(ModelMixin, ConfigMixin):
 
     def _init_process(self, process: str, vocab_size: int) -> None:
         check_int(vocab_size, "vocab_size", 2)
-        self._process = make_process(process, vocab_size)
+        self._process = get_process(process, vocab_size)
 
     @property
     def process(self) -> NoiseProcess:
@@ -133,10 +120,7 @@ class LearnedDenoiser(ModelMixin, ConfigMixin):
         Gaussian states must be finite floats ``(B, k, *leaf_shape)``.
         """
         p = self.process
-        if p.discrete:
-            p.check_tokens(x_t, "x_t", allow_mask=p.kind == "masking")
-        else:
-            p.check_state(x_t, "x_t")
+        p.check_state(x_t, "x_t")
         if p.leaf_shape_of(x_t) != self.leaf_shape:
             raise ValueError(f"x_t has leaf shape {p.leaf_shape_of(x_t)}, this model's is {self.leaf_shape} "
                              f"(x_t must be {'(B, *leaf_shape) tokens' if p.discrete else '(B, k, *leaf_shape) floats'})")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -14,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hdiff.ghm._checks import check_distribution
+from hdiff.io import atomic_write
+from hdiff.tokens import check_tokens
 from hdiff.ghm._random import categorical
 from hdiff.ghm.kernels import FactorizedKernel, Kernel, ProductionKernel
 from hdiff.ghm.layout import LAYOUTS, from_tree_order, level_shape
-
-_KERNEL_TYPES = {"production": ProductionKernel, "factorized": FactorizedKernel}
 
 
 @dataclass(frozen=True)
@@ -184,12 +183,7 @@ class GHM:
     # -------------------------------------------------------------- likelihood
     def check_tokens(self, x: torch.Tensor, name: str = "x") -> None:
         """Raise ``ValueError`` unless ``x`` is a LongTensor ``(B, *leaf_shape)`` in ``[0, vocab_size)``."""
-        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"{name} must be an integer tensor of tokens, shape (B, *{self.leaf_shape})")
-        if x.ndim != 1 + len(self.leaf_shape) or tuple(x.shape[1:]) != self.leaf_shape:
-            raise ValueError(f"{name} must have shape (B, *{self.leaf_shape}), got {tuple(x.shape)}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
-            raise ValueError(f"{name}: tokens must lie in [0, {self.vocab_size}), got range [{int(x.min())}, {int(x.max())}]")
+        check_tokens(x, name, self.vocab_size, leaf_shape=self.leaf_shape)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log p(x)`` (float64, ``-inf`` where impossible), via BP with hard evidence.
@@ -250,14 +244,13 @@ class GHM:
         tensors = {"root_prior": self.root_prior.cpu()}
         meta = {"format": "hdiff.ghm/1", "layout": self.layout, "kernels": []}
         for i, k in enumerate(self.kernels):
-            kind = "production" if isinstance(k, ProductionKernel) else "factorized"
-            entry = {"type": kind}
-            if kind == "production":
+            entry = {"type": "production" if isinstance(k, ProductionKernel) else "factorized"}
+            if isinstance(k, ProductionKernel):
                 entry["num_children"] = k.num_children
             meta["kernels"].append(entry)
             tensors.update({f"kernels.{i}.{name}": t.cpu().contiguous() for name, t in k.state().items()})
-        _atomic_write(d / "ghm.safetensors", lambda p: save_file(tensors, p))
-        _atomic_write(d / "ghm.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        atomic_write(d / "ghm.safetensors", lambda p: save_file(tensors, p))
+        atomic_write(d / "ghm.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> "GHM":
@@ -276,22 +269,10 @@ class GHM:
             elif entry.get("type") == "factorized":
                 kernels.append(FactorizedKernel(t[f"kernels.{i}.transitions"]))
             else:
-                raise ValueError(f"ghm.json: kernels[{i}].type must be one of {sorted(_KERNEL_TYPES)}")
+                raise ValueError(f"ghm.json: kernels[{i}].type must be 'factorized' or 'production'")
         return cls(t["root_prior"], kernels, meta["layout"])
 
 
 def _xlogx_safe_log(p: torch.Tensor) -> torch.Tensor:
     """``log p`` with 0 where ``p == 0`` (so ``p * log p`` is 0 there)."""
     return torch.where(p > 0, p.clamp_min(1e-300).log(), 0.0)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same directory, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from hdiff.noise.base import Alpha, NoiseProcess
+from hdiff.noise.base import Alpha, DenoiserFn, NoiseProcess
+from hdiff.noise.schedules import Schedule
 
 
 class GaussianProcess(NoiseProcess):
@@ -15,17 +19,25 @@ class GaussianProcess(NoiseProcess):
     Args:
         vocab_size: ``v``.
         embedding: ``(v, k)`` float; default ``2 * onehot - 1`` (so ``k = v``, values in [-1, 1]).
+        log_snr_range: ``(g_min, g_max)``, the log-SNR range of the VDM bound (:meth:`bound_term`).
 
-    The leaf likelihood (BACKGROUND.md) is ``-||z_i - sqrt(alpha) E_b||^2 / (2 (1 - alpha))``,
+    The leaf likelihood (docs/noise.md) is ``-||z_i - sqrt(alpha) E_b||^2 / (2 (1 - alpha))``,
     computed without the ``b``-independent ``||z_i||^2`` term; at ``alpha = 1`` it is hard
     evidence for the nearest embedding.
     """
 
-    kind = "gaussian"
+    name = "gaussian"
     discrete = False
+    default_schedule = "cosine_squared_shifted"
+    schedulers = ("ddpm", "ddim", "euler", "dpmsolver")
 
-    def __init__(self, vocab_size: int, embedding: torch.Tensor | None = None) -> None:
+    def __init__(self, vocab_size: int, embedding: torch.Tensor | None = None,
+                 log_snr_range: tuple[float, float] = (-10.0, 10.0)) -> None:
         super().__init__(vocab_size)
+        g_min, g_max = (float(g) for g in log_snr_range)
+        if not (math.isfinite(g_min) and math.isfinite(g_max) and g_min < g_max):
+            raise ValueError(f"log_snr_range must be finite and increasing, got {log_snr_range!r}")
+        self.log_snr_range = (g_min, g_max)
         if embedding is None:
             embedding = 2 * torch.eye(vocab_size, dtype=torch.float32) - 1
         if not isinstance(embedding, torch.Tensor) or not embedding.is_floating_point():
@@ -40,6 +52,10 @@ class GaussianProcess(NoiseProcess):
 
     def __repr__(self) -> str:
         return f"GaussianProcess(vocab_size={self.vocab_size}, embedding_dim={self.embedding_dim})"
+
+    def config(self) -> dict[str, Any]:
+        """Name, ``v`` and the embedding (as nested lists), for :func:`hdiff.noise.get_process`."""
+        return {**super().config(), "embedding": self.embedding.tolist(), "log_snr_range": list(self.log_snr_range)}
 
     @property
     def embedding_dim(self) -> int:
@@ -102,3 +118,27 @@ class GaussianProcess(NoiseProcess):
                      device: torch.device | str = "cpu") -> torch.Tensor:
         """Standard normal ``(B, k, *leaf_shape)`` (the caller scales it by the scheduler's ``init_noise_sigma``)."""
         return torch.randn((batch_size, self.embedding_dim, *leaf_shape), generator=generator, device=device)
+
+    def bound_term(self, denoiser: DenoiserFn, x0: torch.Tensor, u: torch.Tensor, schedule: Schedule, *,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """The VDM bound (Kingma et al. 2021) in log-SNR ``gamma``, one draw at ``gamma = g_min + u (g_max - g_min)``.
+
+        ``KL(q(z_1 | x0) || N(0, I)) + E[-log p(x0 | z_0)] + 1/2 int e^g ||E[x0] - x0_hat(z_g)||^2 dg``
+        with ``alpha = sigmoid(gamma)``; the decoder ``p(x0 | z_0)`` is the denoiser at ``g_max``.
+        The bound depends on the schedule only through its end points, so ``schedule`` is unused.
+        """
+        g_min, g_max = self.log_snr_range
+        a_min, a_max = 1 / (1 + math.exp(-g_min)), 1 / (1 + math.exp(-g_max))
+        b = x0.shape[0]
+        emb = self.embed(x0).double()  # (b, k, *leaf_shape)
+        # prior: KL(N(sqrt(a) E, (1 - a) I) || N(0, I)) per dimension, summed
+        prior = 0.5 * (a_min * emb.pow(2) + (1 - a_min) - 1 - math.log(1 - a_min)).flatten(1).sum(1)
+        x_end = self.add_noise(x0, a_max, generator=generator)  # decoder at g_max
+        log_p = denoiser(x_end, torch.full((b,), a_max))
+        recon = -log_p.gather(1, x0.long().unsqueeze(1)).squeeze(1).double().flatten(1).sum(1)
+        gamma = g_min + u * (g_max - g_min)
+        alpha = torch.sigmoid(gamma)
+        z = self.add_noise(x0, alpha.float(), generator=generator)
+        x0_hat = self.expected_embedding(denoiser(z, alpha.float()).double().exp())
+        diffusion = 0.5 * (g_max - g_min) * gamma.exp() * (emb - x0_hat).pow(2).flatten(1).sum(1)
+        return prior + recon + diffusion

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 from hdiff.denoisers.base import Denoiser
-from hdiff.schedulers.adapter import DiffusersModel
+from hdiff.schedulers.adapter import SchedulerModelAdapter
 
 X0_MODES = ("marginal", "joint")
 
@@ -23,7 +23,7 @@ def sample(denoiser: Denoiser, scheduler, *, batch_size: int, num_inference_step
     """Run reverse diffusion from the fully noised state and return clean tokens.
 
     Each step: ``model_input = scheduler.scale_model_input(x, t)``, the denoiser's posterior is
-    converted by :class:`DiffusersModel` to the scheduler's ``model_output``, then
+    converted by :class:`SchedulerModelAdapter` to the scheduler's ``model_output``, then
     ``x = scheduler.step(model_output, t, x, generator=..., **step_kwargs).prev_sample``.
 
     Args:
@@ -38,7 +38,7 @@ def sample(denoiser: Denoiser, scheduler, *, batch_size: int, num_inference_step
             jointly from ``p(x0 | x_t)`` and step conditioned on it, which makes discrete reverse
             steps exact at any step count (DESIGN.md, "Schedulers").
         step_kwargs: extra keyword arguments for ``scheduler.step`` (e.g. ``temperature=1.0``).
-        alpha_fn, channels_last: forwarded to :class:`DiffusersModel`.
+        alpha_fn, channels_last: forwarded to :class:`SchedulerModelAdapter`.
         device: where the states live.
         progress: wraps the timestep iterable (e.g. a pipeline's ``progress_bar``).
 
@@ -58,7 +58,7 @@ def sample(denoiser: Denoiser, scheduler, *, batch_size: int, num_inference_step
     process = denoiser.process
     scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    model = DiffusersModel(denoiser, scheduler, channels_last=channels_last, alpha_fn=alpha_fn)
+    model = SchedulerModelAdapter(denoiser, scheduler, channels_last=channels_last, alpha_fn=alpha_fn)
     x = process.prior_sample(batch_size, leaf_shape, generator=generator, device=device)
     if not process.discrete:
         x = x * scheduler.init_noise_sigma

@@ -3,12 +3,13 @@
 The discrete schedulers (masking, uniform) follow diffusers' conventions (``SchedulerMixin`` +
 ``ConfigMixin``, ``set_timesteps`` / ``step`` / ``add_noise``) but their state is tokens and their
 ``model_output`` is the denoiser currency ``log p(x0_i = b | x_t)``, shape ``(B, v, *leaf_shape)``
-(DESIGN.md, "Noise processes and the denoiser currency").
+(docs/schedulers.md).
 
 Schedule: with ``tau = (t + 1) / T`` for train timestep ``t`` in ``[0, T)``, the keep probability is
-``alpha = 1 - tau`` (linear) or ``alpha = cos(pi / 2 * tau)`` (cosine), so ``alpha(T - 1) = 0``
-(reverse diffusion starts fully noised) and ``alpha(-1) = 1`` (clean). It is stored as
-``alphas_cumprod`` so that one adapter reads ``alpha = alphas_cumprod[t]`` for every scheduler.
+``alpha(tau)`` of the named :class:`~hdiff.noise.Schedule` (the same object training and the bounds
+use), so ``alpha(T - 1) = 0`` (reverse diffusion starts fully noised) and ``alpha(-1) = 1`` (clean).
+It is stored as ``alphas_cumprod`` so that one adapter reads ``alpha = alphas_cumprod[t]`` for
+every scheduler.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-SCHEDULES = ("linear", "cosine")
+from hdiff.noise import get_schedule
 
 
 @dataclass
@@ -36,18 +37,6 @@ class DiscreteSchedulerOutput(BaseOutput):
     pred_original_sample: torch.LongTensor
 
 
-def keep_schedule(num_train_timesteps: int, schedule: str) -> torch.Tensor:
-    """Keep probabilities ``alpha_t`` ``(T,)`` float64 for ``t = 0 .. T-1`` (decreasing, ``alpha_{T-1} = 0``)."""
-    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    tau = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
-    alpha = 1.0 - tau if schedule == "linear" else torch.cos(0.5 * math.pi * tau)
-    alpha[-1] = 0.0  # cos(pi/2) is 6e-17 in floating point: the start must be exactly fully noised
-    return alpha
-
-
 def sample_categorical(log_probs: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per leaf from normalised ``log_probs`` ``(B, v, *leaf_shape)`` -> ``(B, *leaf_shape)`` long.
 
@@ -57,19 +46,6 @@ def sample_categorical(log_probs: torch.Tensor, *, generator: torch.Generator | 
     u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
     return (log_probs.to(torch.float64) + gumbel).argmax(dim=1)
-
-
-def check_tokens(x: torch.Tensor, name: str, high: int, shape: tuple[int, ...] | None = None) -> None:
-    """Raise ``ValueError`` unless ``x`` is an integer tensor ``(B, *leaf_shape)`` with values in ``[0, high)``."""
-    if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor of tokens, got {type(x).__name__}"
-                         + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have shape (B, *leaf_shape), got {tuple(x.shape)}")
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= high):
-        raise ValueError(f"{name}: tokens must lie in [0, {high}), got range [{int(x.min())}, {int(x.max())}]")
 
 
 class DiscreteSchedulerBase(SchedulerMixin, ConfigMixin):
@@ -88,7 +64,7 @@ class DiscreteSchedulerBase(SchedulerMixin, ConfigMixin):
     order = 1
 
     def _setup(self, num_train_timesteps: int, schedule: str) -> None:
-        self.alphas_cumprod = keep_schedule(num_train_timesteps, schedule)
+        self.alphas_cumprod = get_schedule(schedule).grid(num_train_timesteps)
         self.init_noise_sigma = 1.0
         self.timesteps: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
@@ -158,23 +134,7 @@ class DiscreteSchedulerBase(SchedulerMixin, ConfigMixin):
         """Identity: discrete states are not rescaled (diffusers interface)."""
         return sample
 
-    # ------------------------------------------------------------------ helpers for add_noise / step
-    def _keep_probs(self, timesteps: int | torch.Tensor, batch: int, ndim: int, device: torch.device) -> torch.Tensor:
-        """``alpha_t`` per sample, shaped ``(B, 1, ..., 1)`` (``ndim`` dims) float64 on ``device``."""
-        T = self.config.num_train_timesteps
-        if isinstance(timesteps, bool) or not isinstance(timesteps, (int, torch.Tensor)):
-            raise ValueError(f"timesteps must be an int or a LongTensor of shape ({batch},), got {type(timesteps).__name__}")
-        t = torch.as_tensor(timesteps)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"timesteps must be integers, got dtype {t.dtype}")
-        if t.ndim == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"timesteps must be an int or of shape ({batch},), got shape {tuple(t.shape)}")
-        if int(t.min()) < 0 or int(t.max()) >= T:
-            raise ValueError(f"timesteps must lie in [0, {T}), got range [{int(t.min())}, {int(t.max())}]")
-        return self.alphas_cumprod[t.cpu()].to(device).view(batch, *[1] * (ndim - 1))
-
+    # ------------------------------------------------------------------ helpers for step
     @staticmethod
     def _check_model_output(model_output: torch.Tensor, sample: torch.Tensor) -> int:
         """Validate ``model_output`` ``(B, v, *leaf_shape)`` against ``sample`` ``(B, *leaf_shape)``; return ``v``."""

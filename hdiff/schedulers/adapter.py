@@ -1,7 +1,7 @@
-"""One adapter from any denoiser to any diffusers scheduler (DESIGN.md, "the denoiser currency").
+"""One adapter from any denoiser to any diffusers scheduler (docs/denoisers.md).
 
 A denoiser returns ``log p(x0_i = b | x_t)``; a scheduler wants ``model_output`` in its own
-convention. :class:`DiffusersModel` converts between them with no per-scheduler code:
+convention. :class:`SchedulerModelAdapter` converts between them with no per-scheduler code:
 
 - **noise level**: schedulers that expose ``sigmas`` (Euler, DPM-Solver, ...) give
   ``alpha = 1 / (1 + sigma^2)`` at their current step; the others give ``alphas_cumprod[t]``
@@ -28,7 +28,7 @@ from hdiff.denoisers.base import Denoiser
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-class DiffusersModel:
+class SchedulerModelAdapter:
     """``(sample, timestep) -> model_output`` for a diffusers-style scheduler.
 
     Args:
@@ -48,9 +48,9 @@ class DiffusersModel:
         self.channels_last = channels_last
         self.alpha_fn = alpha_fn
         if not denoiser.process.discrete:
-            kind = getattr(getattr(scheduler, "config", None), "prediction_type", None)
-            if kind not in PREDICTION_TYPES:
-                raise ValueError(f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
+            prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+            if prediction not in PREDICTION_TYPES:
+                raise ValueError(f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, got {prediction!r}")
         elif alpha_fn is None and not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError("scheduler exposes no alphas_cumprod: pass alpha_fn=(scheduler, timestep) -> alpha")
 
@@ -88,11 +88,11 @@ class DiffusersModel:
         if self.process.discrete:
             return log_probs.movedim(1, -1) if self.channels_last else log_probs
         x0_hat = self.process.expected_embedding(log_probs.exp()).to(sample.dtype)
-        kind = self.scheduler.config.prediction_type
-        if kind == "sample":
+        prediction = self.scheduler.config.prediction_type
+        if prediction == "sample":
             return x0_hat
         a = torch.tensor(alpha, dtype=sample.dtype, device=sample.device)
         eps = (sample - a.sqrt() * x0_hat) / (1 - a).sqrt() if alpha < 1 else torch.zeros_like(sample)
-        if kind == "epsilon":
+        if prediction == "epsilon":
             return eps
         return a.sqrt() * eps - (1 - a).sqrt() * x0_hat

@@ -1,15 +1,41 @@
-"""Schedulers by name, configured the way hdiff needs them (``clip_sample=False`` and friends)."""
+"""Schedulers by name, configured the way hdiff needs them (``clip_sample=False`` and friends).
+
+Which scheduler samples which noise process is the process's knowledge
+(:attr:`hdiff.noise.NoiseProcess.schedulers`); :func:`check_pair` refuses a mismatch up front.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-GAUSSIAN_SCHEDULERS = ("ddpm", "ddim", "euler", "dpmsolver")
-DISCRETE_SCHEDULERS = {"masking": ("masked",), "uniform": ("uniform", "discrete-ddim")}
+import torch
+
+from hdiff.noise import GaussianProcess, MaskingProcess, NoiseProcess, Schedule, UniformProcess, get_schedule
+
+GAUSSIAN_SCHEDULERS = GaussianProcess.schedulers
+#: every scheduler name, in the order the CLI lists them
+SCHEDULER_NAMES: tuple[str, ...] = GaussianProcess.schedulers + MaskingProcess.schedulers + UniformProcess.schedulers
+_MAX_BETA = 0.999  # as diffusers' squaredcos_cap_v2: the last step of a schedule ending at alpha = 0
+
+
+def check_pair(process: NoiseProcess, scheduler: str) -> None:
+    """Raise ``ValueError`` unless ``scheduler`` samples ``process``'s noise, naming those that do."""
+    if scheduler not in SCHEDULER_NAMES:
+        raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {scheduler!r}")
+    if scheduler not in process.schedulers:
+        raise ValueError(f"scheduler {scheduler!r} does not sample {process.name} noise; "
+                         f"use one of {process.schedulers}")
+
+
+def gaussian_betas(schedule: Schedule, num_train_timesteps: int) -> list[float]:
+    """``betas`` whose ``alphas_cumprod[k]`` is ``schedule.alpha((k + 1) / T)`` (the last beta capped at 0.999)."""
+    ac = schedule.grid(num_train_timesteps)
+    prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+    return (1 - ac / prev).clamp(max=_MAX_BETA).tolist()
 
 
 def make_scheduler(name: str, *, num_train_timesteps: int = 1000, prediction_type: str = "epsilon",
-                   schedule: str = "linear", unmasking: str = "bernoulli") -> Any:
+                   schedule: str | Schedule | None = None, unmasking: str = "bernoulli") -> Any:
     """A scheduler instance by short name.
 
     Args:
@@ -18,28 +44,35 @@ def make_scheduler(name: str, *, num_train_timesteps: int = 1000, prediction_typ
             DiscreteDDIMScheduler for uniform noise; sample it with ``temperature=1.0``).
         num_train_timesteps: length of the training schedule.
         prediction_type: for Gaussian schedulers: ``epsilon``, ``sample`` or ``v_prediction``.
-        schedule: ``linear`` or ``cosine`` for hdiff's discrete schedulers.
+        schedule: the alpha schedule (a :func:`hdiff.noise.get_schedule` name or object), the one
+            training used: hdiff's discrete schedulers tabulate it; diffusers' Gaussian schedulers
+            get the ``trained_betas`` that reproduce it. ``None``: ``linear`` for the discrete
+            schedulers, diffusers' own default betas for the Gaussian ones.
         unmasking: ``bernoulli`` or ``fixed`` for ``masked``.
     """
     import diffusers
 
     from hdiff import schedulers
 
-    if name == "ddpm":  # clip_sample=False: clipping to [-1, 1] silently ruins non-image data
-        return diffusers.DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, clip_sample=False)
-    if name == "ddim":
-        return diffusers.DDIMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type, clip_sample=False)
-    if name == "euler":
-        return diffusers.EulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type)
-    if name == "dpmsolver":
-        return diffusers.DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type)
+    if name in GAUSSIAN_SCHEDULERS:
+        common = {"num_train_timesteps": num_train_timesteps, "prediction_type": prediction_type}
+        if schedule is not None:
+            common["trained_betas"] = gaussian_betas(get_schedule(schedule), num_train_timesteps)
+        if name == "ddpm":  # clip_sample=False: clipping to [-1, 1] silently ruins non-image data
+            return diffusers.DDPMScheduler(clip_sample=False, **common)
+        if name == "ddim":
+            return diffusers.DDIMScheduler(clip_sample=False, **common)
+        if name == "euler":
+            return diffusers.EulerDiscreteScheduler(**common)
+        return diffusers.DPMSolverMultistepScheduler(**common)
+    discrete = get_schedule(schedule if schedule is not None else "linear").name
     if name == "masked":
-        return schedulers.MaskedDiffusionScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule, unmasking=unmasking)
+        return schedulers.MaskedDiffusionScheduler(num_train_timesteps=num_train_timesteps, schedule=discrete, unmasking=unmasking)
     if name == "uniform":
-        return schedulers.UniformDiffusionScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule)
+        return schedulers.UniformDiffusionScheduler(num_train_timesteps=num_train_timesteps, schedule=discrete)
     if name == "discrete-ddim":
         return diffusers.DiscreteDDIMScheduler()
-    raise ValueError(f"scheduler must be one of {GAUSSIAN_SCHEDULERS + ('masked', 'uniform', 'discrete-ddim')}, got {name!r}")
+    raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {name!r}")
 
 
 def scheduler_options(name: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from hdiff.schedulers._discrete_base import DiscreteSchedulerBase, DiscreteSchedulerOutput, check_tokens, sample_categorical
+from hdiff.schedulers._discrete_base import DiscreteSchedulerBase, DiscreteSchedulerOutput, sample_categorical
+from hdiff.tokens import check_tokens
 
 UNMASKING = ("bernoulli", "fixed")
 
@@ -28,7 +29,8 @@ class MaskedDiffusionScheduler(DiscreteSchedulerBase):
 
     Args:
         num_train_timesteps: ``T >= 2``; train timestep ``t`` has keep probability ``alphas_cumprod[t]``.
-        schedule: ``"linear"`` (``alpha = 1 - tau``) or ``"cosine"`` (``alpha = cos(pi/2 tau)``),
+        schedule: a :func:`hdiff.noise.get_schedule` name (``"linear"``: ``alpha = 1 - tau``; ``"cosine"``,
+            ``"cosine_squared"``, ``"cosine_squared_shifted"``),
             ``tau = (t + 1) / T``.
         unmasking: ``"bernoulli"``: each masked leaf revealed independently with probability
             ``(alpha_s - alpha_t) / (1 - alpha_t)`` (MDLM); ``"fixed"``: per row, exactly
@@ -42,27 +44,6 @@ class MaskedDiffusionScheduler(DiscreteSchedulerBase):
         if unmasking not in UNMASKING:
             raise ValueError(f"unmasking must be one of {UNMASKING}, got {unmasking!r}")
         self._setup(num_train_timesteps, schedule)
-
-    def add_noise(self, original_samples: torch.Tensor, timesteps: int | torch.Tensor, *, mask_token: int,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mask each token independently with probability ``1 - alpha_t``.
-
-        Args:
-            original_samples: ``(B, *leaf_shape)`` long clean tokens in ``[0, mask_token)``.
-            timesteps: an int or ``(B,)`` long train timesteps in ``[0, T)``.
-            mask_token: the MASK id, ``vocab_size`` (the scheduler does not know ``v``).
-            generator: the only RNG used.
-
-        Returns:
-            ``(B, *leaf_shape)`` long ``x_t``: ``x0`` where kept, ``mask_token`` elsewhere.
-        """
-        if isinstance(mask_token, bool) or not isinstance(mask_token, int) or mask_token < 1:
-            raise ValueError(f"mask_token must be a positive int (= vocab_size), got {mask_token!r}")
-        check_tokens(original_samples, "original_samples", mask_token)
-        x0 = original_samples
-        alpha = self._keep_probs(timesteps, x0.shape[0], x0.ndim, x0.device)
-        keep = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64) < alpha
-        return torch.where(keep, x0, torch.full_like(x0, mask_token))
 
     def reveal_probability(self, timestep: int | torch.Tensor) -> float:
         """``(alpha_s - alpha_t) / (1 - alpha_t)``: chance a masked leaf is revealed stepping from ``timestep``.

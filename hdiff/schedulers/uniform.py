@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from hdiff.schedulers._discrete_base import DiscreteSchedulerBase, DiscreteSchedulerOutput, check_tokens, sample_categorical
+from hdiff.schedulers._discrete_base import DiscreteSchedulerBase, DiscreteSchedulerOutput, sample_categorical
+from hdiff.tokens import check_tokens
 
 
 class UniformDiffusionScheduler(DiscreteSchedulerBase):
@@ -27,35 +28,14 @@ class UniformDiffusionScheduler(DiscreteSchedulerBase):
 
     Args:
         num_train_timesteps: ``T >= 2``; train timestep ``t`` has keep probability ``alphas_cumprod[t]``.
-        schedule: ``"linear"`` (``alpha = 1 - tau``) or ``"cosine"`` (``alpha = cos(pi/2 tau)``),
+        schedule: a :func:`hdiff.noise.get_schedule` name (``"linear"``: ``alpha = 1 - tau``; ``"cosine"``,
+            ``"cosine_squared"``, ``"cosine_squared_shifted"``),
             ``tau = (t + 1) / T``.
     """
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, schedule: str = "linear") -> None:
         self._setup(num_train_timesteps, schedule)
-
-    def add_noise(self, original_samples: torch.Tensor, timesteps: int | torch.Tensor, *, vocab_size: int,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Redraw each token uniformly from ``[0, v)`` with probability ``1 - alpha_t`` (the redraw may return it).
-
-        Args:
-            original_samples: ``(B, *leaf_shape)`` long clean tokens in ``[0, vocab_size)``.
-            timesteps: an int or ``(B,)`` long train timesteps in ``[0, T)``.
-            vocab_size: ``v >= 2`` (the scheduler does not know it).
-            generator: the only RNG used.
-
-        Returns:
-            ``(B, *leaf_shape)`` long ``x_t ~ q(x_t | x0) = alpha_t 1[x_t = x0] + (1 - alpha_t) / v``.
-        """
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-        check_tokens(original_samples, "original_samples", vocab_size)
-        x0 = original_samples
-        alpha = self._keep_probs(timesteps, x0.shape[0], x0.ndim, x0.device)
-        keep = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64) < alpha
-        fresh = torch.randint(0, vocab_size, x0.shape, generator=generator, device=x0.device)
-        return torch.where(keep, x0, fresh)
 
     def reverse_probs(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The exact reverse kernel ``p(x_s = c | x_t) = sum_a p(a | x_t) q(x_s = c | x_t, a)`` per leaf.

@@ -1,4 +1,4 @@
-"""Training learned denoisers on fixed sets of GHM samples (DESIGN.md, "Learned models and training").
+"""Training learned denoisers on fixed sets of GHM samples (docs/architecture.md).
 
 - :mod:`~hdiff.training.config`: ``TrainConfig`` and its TOML tables.
 - :mod:`~hdiff.training.data`: ``GHMDataset`` (training set of n samples, disjoint held-out set).
@@ -21,14 +21,15 @@ from hdiff.training.config import (
                                    train_config_to_toml,
 )
 from hdiff.training.data import GHMDataset, StepBatchSampler
-from hdiff.training.loss import alpha_of_t, diffusion_loss, elbo_weight, evaluation_loss
-from hdiff.training.models import build_model, model_class, model_kinds, register_model
+from hdiff.training.loss import diffusion_loss, evaluation_loss
+from hdiff.models.registry import model_class, model_kinds, register_model
+from hdiff.training.models import build_model
 from hdiff.training.trainer import TrainResult, train
 
 __all__ = [
     "TrainConfig", "ModelConfig", "NoiseConfig", "DataConfig", "OptimConfig", "RunConfig",
     "load_train_config", "train_config_from_dict", "train_config_to_toml",
-    "GHMDataset", "StepBatchSampler", "alpha_of_t", "elbo_weight", "diffusion_loss", "evaluation_loss",
+    "GHMDataset", "StepBatchSampler", "diffusion_loss", "evaluation_loss",
     "build_model", "model_class", "model_kinds", "register_model",
     "train", "TrainResult", "load_trained", "is_run_dir", "JsonlLog", "latest_checkpoint", "list_checkpoints",
 ]

@@ -8,50 +8,28 @@ metrics), ``OUT/train_meta.json`` (training-set seed and size, steps, final loss
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hdiff.ghm import GHM
+from hdiff.io import atomic_directory, write_json_atomic, write_text_atomic
 from hdiff.training.config import TrainConfig, load_train_config, train_config_to_toml
-from hdiff.training.models import model_class
+from hdiff.models.registry import model_class
+from hdiff.noise import get_process
+from hdiff.sampling.pipeline import save_pipeline_description
+from hdiff.schedulers.factory import make_scheduler
 
 MODEL_DIR = "model"
 RAW_MODEL_DIR = "model_raw"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows of scalars as CSV (columns in order of first appearance; lists and dicts left out), atomically."""
-    import csv
-    import io
-
-    columns = list(dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, (list, dict))))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
 def save_pretrained_atomic(model: Any, directory: Path) -> None:
     """``model.save_pretrained`` into a temporary directory, then swap it in: never half a model."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(str(tmp))
 
 
 def write_run_description(out: Path, cfg: TrainConfig, ghm: GHM) -> None:
@@ -66,7 +44,11 @@ def save_final(out: Path, cfg: TrainConfig, ghm: GHM, ema_model: Any, raw_model:
     write_run_description(out, cfg, ghm)
     save_pretrained_atomic(ema_model, out / MODEL_DIR)
     save_pretrained_atomic(raw_model, out / RAW_MODEL_DIR)
-    write_text_atomic(out / "train_meta.json", json.dumps(meta, indent=2))
+    # pipeline.json + scheduler/: HierarchicalDiffusionPipeline.from_pretrained(out) loads the run
+    process = get_process(cfg.noise.process, ghm.vocab_size)
+    scheduler = make_scheduler(process.schedulers[0], schedule=cfg.schedule)
+    save_pipeline_description(out, ema_model, scheduler, process, ghm, model_kind=cfg.model.kind, model_path=MODEL_DIR)
+    write_json_atomic(out / "train_meta.json", meta)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

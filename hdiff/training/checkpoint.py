@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from hdiff.io import write_text_atomic
+
 _NAME = re.compile(r"^step_(\d{6,})$")
 _MARKER = "hdiff_state.json"
 
@@ -140,6 +142,4 @@ class JsonlLog:
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step > step`` (resuming from that checkpoint redoes them), atomically."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -21,7 +21,7 @@ from hdiff.config import GHMConfig, from_dict, load_toml, to_toml
 @dataclass
 class ModelConfig:
     """The network. ``kind`` picks a class from :mod:`hdiff.training.models` (``tree_unet``:
-    :class:`~hdiff.denoisers.TreeUNet`; ``unet_baseline``: ``UNet1DBaseline`` / ``UNet2DBaseline`` by
+    :class:`~hdiff.models.TreeUNet`; ``unet_baseline``: ``UNet1DBaseline`` / ``UNet2DBaseline`` by
     layout). The GHM's ``vocab_size``, ``branching``, ``depth``, ``layout`` and the noise ``process``
     are filled in from the other tables (where the class takes them); ``channels`` (one width, or one
     per level; unset: the class default) and every entry of ``options`` go to the constructor as
@@ -36,15 +36,17 @@ class ModelConfig:
 class NoiseConfig:
     """The forward process and how training draws noise levels.
 
-    ``t ~ U(t_min, 1)``; ``schedule`` maps it to the signal level ``alpha``: ``linear``
-    ``alpha = 1 - t`` (the default of the discrete processes), ``cosine`` ``alpha = alpha_bar(t)``
-    of Nichol & Dhariwal (2021) (the default for Gaussian), ``auto`` picks by process.
+    ``t ~ U(t_min, 1)``; ``schedule`` maps it to the signal level ``alpha`` (a name of
+    :func:`hdiff.noise.get_schedule`: ``linear`` ``alpha = 1 - t``, ``cosine`` ``cos(pi t / 2)``,
+    ``cosine_squared`` ``cos^2(pi t / 2)``, ``cosine_squared_shifted`` Nichol & Dhariwal's
+    ``alpha_bar``), or ``auto``: the process's default (linear for masking and uniform, the shifted
+    cosine-squared for Gaussian). Training, the schedulers and the bounds all use this one schedule.
     ``elbo_weight`` (masking only) weights the cross-entropy of masked leaves by
     ``-alpha'(t) / (1 - alpha(t))`` (``1/t`` for linear): the MDLM bound (Sahoo et al. 2024).
     """
 
     process: Literal["gaussian", "masking", "uniform"] = "masking"
-    schedule: Literal["auto", "linear", "cosine"] = "auto"
+    schedule: Literal["auto", "linear", "cosine", "cosine_squared", "cosine_squared_shifted"] = "auto"
     elbo_weight: bool = False
     t_min: float = 1e-3
 
@@ -132,7 +134,9 @@ class TrainConfig:
             raise ValueError(f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
         if not 0 <= self.noise.t_min < 1:
             raise ValueError(f"noise.t_min must lie in [0, 1), got {self.noise.t_min}")
-        if self.noise.elbo_weight and self.noise.process != "masking":
+        from hdiff.noise import get_process
+
+        if self.noise.elbo_weight and not get_process(self.noise.process, 2).elbo_loss:
             # the uniform and Gaussian bounds are not weighted cross-entropies; refuse rather than fake one
             raise ValueError("noise.elbo_weight is only defined for noise.process = 'masking'")
         if self.noise.elbo_weight and self.noise.t_min <= 0:
@@ -140,10 +144,10 @@ class TrainConfig:
 
     @property
     def schedule(self) -> str:
-        """The resolved alpha schedule: ``linear`` or ``cosine``."""
-        if self.noise.schedule != "auto":
-            return self.noise.schedule
-        return "cosine" if self.noise.process == "gaussian" else "linear"
+        """The resolved schedule name (``auto`` -> the process's default)."""
+        from hdiff.noise import get_process, resolve_schedule
+
+        return resolve_schedule(self.noise.schedule, get_process(self.noise.process, 2)).name
 
     def replace(self, **dotted: Any) -> "TrainConfig":
         """A validated copy with fields overridden by dotted names, e.g. ``replace(**{"data.n_train": 64})``."""

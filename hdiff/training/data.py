@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from hdiff.ghm import GHM
+from hdiff.tokens import row_keys
 
 #: samples per draw from the generator; fixed so that sets of different ``n`` are nested
 CHUNK = 4096
@@ -29,12 +30,6 @@ MAX_EMPTY_CHUNKS = 4
 def stream_seed(seed: int, stream: int) -> int:
     """A 63-bit seed for sub-stream ``stream`` of ``seed`` (numpy's SeedSequence: streams don't overlap)."""
     return int(np.random.SeedSequence([seed, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def row_keys(x: torch.Tensor) -> list[bytes]:
-    """One hashable key per row of ``x`` ``(B, ...)``: its int64 bytes (for exact-copy checks)."""
-    flat = x.reshape(x.shape[0], -1).to(torch.int64).cpu().numpy()
-    return [row.tobytes() for row in flat]
 
 
 class GHMDataset(Dataset):

@@ -1,62 +1,16 @@
-"""Which network class a ``[model] kind`` names, and how a config becomes an instance.
-
-Every trainable denoiser is a diffusers ``ModelMixin`` + ``ConfigMixin`` whose
-``forward(x_t, alpha)`` returns ``log p(x0 | x_t)`` ``(B, v, *leaf_shape)`` and which exposes
-``process`` and ``leaf_shape``; that is all the training loop and the sampler rely on. Classes are
-looked up lazily (the learned models live in :mod:`hdiff.denoisers`), and tests or notebooks may
-:func:`register_model` their own.
-"""
+"""How a training config becomes a model instance (the class comes from :mod:`hdiff.models.registry`)."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from hdiff.ghm import GHM
-from hdiff.noise import GaussianProcess, MaskingProcess, NoiseProcess, UniformProcess
+from hdiff.models.registry import model_class
+from hdiff.noise import PROCESS_NAMES, NoiseProcess, get_process
 from hdiff.training.config import TrainConfig
-
-#: kind -> {layout: "module:attribute"} of the class, imported on first use
-_BUILTIN = {
-    "tree_unet": {"sequence": "hdiff.denoisers:TreeUNet", "image": "hdiff.denoisers:TreeUNet"},
-    "unet_baseline": {"sequence": "hdiff.denoisers:UNet1DBaseline", "image": "hdiff.denoisers:UNet2DBaseline"},
-}
-_REGISTERED: dict[str, type] = {}
-
-PROCESSES: dict[str, Callable[[int], NoiseProcess]] = {
-    "gaussian": GaussianProcess, "masking": MaskingProcess, "uniform": UniformProcess,
-}
-
-
-def register_model(kind: str, cls: type) -> None:
-    """Make ``[model] kind = "<kind>"`` build ``cls`` (a ModelMixin with the denoiser interface)."""
-    _REGISTERED[kind] = cls
-
-
-def model_kinds() -> list[str]:
-    """Every kind a config may name."""
-    return sorted(set(_BUILTIN) | set(_REGISTERED))
-
-
-def model_class(kind: str, layout: str = "sequence") -> type:
-    """The class for ``kind`` on leaves of ``layout`` (the diffusers baselines differ by layout).
-
-    Raises:
-        ValueError: naming ``model.kind`` when the kind is unknown or its class cannot be imported.
-    """
-    if kind in _REGISTERED:
-        return _REGISTERED[kind]
-    if kind not in _BUILTIN:
-        raise ValueError(f"model.kind must be one of {model_kinds()}, got {kind!r}")
-    spec = _BUILTIN[kind][layout]
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"model.kind = {kind!r}: {spec} is not available ({e})") from e
 
 
 def model_kwargs(cfg: TrainConfig, ghm: GHM, cls: type) -> dict[str, Any]:
@@ -101,9 +55,9 @@ def build_model(cfg: TrainConfig, ghm: GHM) -> torch.nn.Module:
 
 def check_model(model: torch.nn.Module, cfg: TrainConfig, ghm: GHM) -> None:
     """Raise ``ValueError`` when the model's ``process`` disagrees with ``[noise] process``."""
-    kind = process_of(model, ghm.vocab_size).kind
-    if kind != cfg.noise.process:
-        raise ValueError(f"the model's process is {kind!r} but noise.process is {cfg.noise.process!r}")
+    name = process_of(model, ghm.vocab_size).name
+    if name != cfg.noise.process:
+        raise ValueError(f"the model's process is {name!r} but noise.process is {cfg.noise.process!r}")
 
 
 def process_of(model: Any, vocab_size: int) -> NoiseProcess:
@@ -111,6 +65,6 @@ def process_of(model: Any, vocab_size: int) -> NoiseProcess:
     p = getattr(model, "process", None)
     if isinstance(p, NoiseProcess):
         return p
-    if isinstance(p, str) and p in PROCESSES:
-        return PROCESSES[p](vocab_size)
-    raise ValueError(f"{type(model).__name__}.process must be a NoiseProcess or one of {sorted(PROCESSES)}, got {p!r}")
+    if isinstance(p, str) and p in PROCESS_NAMES:
+        return get_process(p, vocab_size)
+    raise ValueError(f"{type(model).__name__}.process must be a NoiseProcess or one of {PROCESS_NAMES}, got {p!r}")

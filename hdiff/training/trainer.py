@@ -32,7 +32,8 @@ from hdiff.training.checkpoint import JsonlLog, latest_checkpoint, load_checkpoi
 from hdiff.training.config import TrainConfig, load_train_config
 from hdiff.training.data import GHMDataset, StepBatchSampler, identity_collate, stream_seed
 from hdiff.training.loss import diffusion_loss, evaluation_loss
-from hdiff.training.models import PROCESSES, build_model
+from hdiff.noise import get_process, get_schedule
+from hdiff.training.models import build_model
 
 # sub-streams of run.seed, so that no two random sources share a sequence
 _NOISE_STREAM, _EVAL_STREAM = 1000, 999
@@ -132,7 +133,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     acc.wait_for_everyone()
 
     o, n_proc = cfg.optim, acc.num_processes
-    process = PROCESSES[cfg.noise.process](ghm.vocab_size)
+    process = get_process(cfg.noise.process, ghm.vocab_size)
     model = build_model(cfg, ghm)
     # fused AdamW: one kernel for all parameters (torch's default on CPU is a Python loop over tensors)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -164,7 +165,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
                                count=max(0, o.max_steps - step) * n_proc)
     loader = acc.prepare(DataLoader(train_set, batch_sampler=sampler, collate_fn=identity_collate,
                                     num_workers=cfg.run.num_workers))
-    loss_kw = dict(schedule=cfg.schedule, t_min=cfg.noise.t_min, elbo=cfg.noise.elbo_weight)
+    loss_kw = dict(schedule=get_schedule(cfg.schedule), t_min=cfg.noise.t_min, elbo=cfg.noise.elbo_weight)
 
     def evaluate() -> dict[str, float]:
         ema.copy_to(eval_model.parameters())

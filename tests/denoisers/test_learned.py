@@ -14,8 +14,9 @@ import json
 import pytest
 import torch
 
-from hdiff.denoisers import BPDenoiser, Denoiser, LearnedDenoiser, TreeUNet, UNet1DBaseline, UNet2DBaseline
-from hdiff.denoisers.learned import make_process
+from hdiff.denoisers import BPDenoiser, Denoiser, LearnedDenoiser
+from hdiff.models import TreeUNet, UNet1DBaseline, UNet2DBaseline
+from hdiff.noise import get_process as make_process
 from hdiff.ghm import GHM
 from hdiff.sampling import HierarchicalDiffusionPipeline, sample
 from hdiff.schedulers import make_scheduler, scheduler_options
@@ -130,7 +131,7 @@ def bad_inputs(denoiser) -> dict[str, tuple[torch.Tensor, object]]:
         cases["float tokens"] = (x_t.float(), alpha)
         cases["token > MASK"] = (torch.full_like(x_t, V + 1), alpha)
         cases["negative token"] = (torch.full_like(x_t, -1), alpha)
-        if p.kind != "masking":
+        if p.name != "masking":
             cases["MASK for uniform noise"] = (torch.full_like(x_t, V), alpha)
     else:
         cases["tokens for gaussian"] = (x_t.argmax(1), alpha)
@@ -154,7 +155,7 @@ def test_save_load_round_trip(name, kind, tmp_path):
     x_t, alpha = noisy_batch(model)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, LearnedDenoiser) and loaded.process.kind == kind
+    assert isinstance(loaded, LearnedDenoiser) and loaded.process.name == kind
     public = lambda config: json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))  # noqa: E731
     assert public(loaded.config) == public(model.config)
     with torch.no_grad():

@@ -83,8 +83,8 @@ def test_cli_sample_with_the_oracle(tmp_path, args):
     out = tmp_path / "out"
     assert main(["sample", "--ghm", str(cfg), "--denoiser", "oracle", "--num", "40", "--out", str(out), *args]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["valid_fraction"] == 1.0 and metrics["num_samples"] == 40
-    assert abs(metrics["log_prob_bits_per_leaf"] + 1.125) < 1e-9  # uniform over 8 * 2**15 strings: 18/16 bits per leaf
+    assert metrics["validity"] == 1.0 and metrics["num_samples"] == 40
+    assert abs(metrics["nll_bits_per_leaf"] - 1.125) < 1e-9  # uniform over 8 * 2**15 strings: 18/16 bits per leaf
     assert abs(sum(metrics["root_histogram"]) - 1) < 1e-9
     assert torch.load(out / "tokens.pt").shape == (40, 16) and np.load(out / "tokens.npy").shape == (40, 16)
     assert (out / "samples.png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""hdiff's discrete schedulers: schedule, timestep grid, add_noise, exact reverse kernels, config, bad input."""
+"""hdiff's discrete schedulers: schedule, timestep grid, exact reverse kernels, config, bad input."""
 
 import math
 
@@ -68,29 +68,6 @@ def test_set_timesteps_subsamples_without_truncating():
         for bad in (0, T + 1, 2.0):
             with pytest.raises(ValueError, match="num_inference_steps"):
                 s.set_timesteps(bad)
-
-
-# ---------------------------------------------------------------- add_noise
-@pytest.mark.parametrize("t", [0, 300, 700, 999])
-def test_add_noise_keep_fraction(t):
-    x0 = torch.randint(0, V, (4000, 10), generator=gen(1))
-    m, u = both()
-    a = m.alpha_at(t)
-    n = x0.numel()
-    x_t = m.add_noise(x0, t, mask_token=V, generator=gen())
-    kept = x_t != V
-    assert abs(kept.double().mean().item() - a) <= 4 * math.sqrt(a * (1 - a) / n) + 1e-12
-    assert torch.equal(x_t[kept], x0[kept])
-    x_t = u.add_noise(x0, torch.full((x0.shape[0],), t), vocab_size=V, generator=gen())
-    same, p = (x_t == x0).double().mean().item(), a + (1 - a) / V
-    assert abs(same - p) <= 4 * math.sqrt(p * (1 - p) / n) and x_t.max() < V
-
-
-def test_add_noise_per_sample_timesteps_image():
-    m = masked()
-    x0 = torch.randint(0, V, (2, 8, 8), generator=gen(1))
-    x_t = m.add_noise(x0, torch.tensor([0, 999]), mask_token=V, generator=gen())
-    assert (x_t[1] == V).all() and x_t.shape == x0.shape
 
 
 # ---------------------------------------------------------------- masked steps
@@ -300,15 +277,6 @@ def test_bad_inputs_raise():
         u.step(mo, 99, torch.full((2, 3), V))
     with pytest.raises(ValueError, match="model_output"):  # a masked leaf the model rules out entirely
         m.step(torch.full((2, V, 3), -math.inf), 99, torch.full((2, 3), V))
-    with pytest.raises(ValueError, match="mask_token"):
-        m.add_noise(x, 5, mask_token=0)
-    with pytest.raises(ValueError, match="vocab_size"):
-        u.add_noise(x, 5, vocab_size=1.5)
-    with pytest.raises(ValueError, match="original_samples"):
-        u.add_noise(x + V, 5, vocab_size=V)
-    for bad_t in (100, -1, torch.tensor([1, 2, 3]), 0.5):
-        with pytest.raises(ValueError, match="timesteps"):
-            m.add_noise(x, bad_t, mask_token=V)
     with pytest.raises(ValueError, match="timestep"):
         u.reverse_probs(mo, 98, x)
     assert np.isclose(u.alpha_at(-1), 1.0)

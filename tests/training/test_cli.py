@@ -35,9 +35,9 @@ def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     samples = tmp_path / "samples"
     assert main(["sample", "--denoiser", str(out), "--num", "32", "--steps", "8", "--out", str(samples)]) == 0
     metrics = json.loads((samples / "metrics.json").read_text())
-    assert metrics["process"] == "masked" and metrics["denoiser"] == str(out)
-    assert 0.0 <= metrics["valid_fraction"] <= 1.0
-    with pytest.raises(ValueError, match="trained with masked noise"):
+    assert metrics["process"] == "masking" and metrics["denoiser"] == str(out)
+    assert 0.0 <= metrics["validity"] <= 1.0
+    with pytest.raises(ValueError, match="trained with masking noise"):
         main(["sample", "--denoiser", str(out), "--process", "uniform", "--out", str(samples)])
 
 

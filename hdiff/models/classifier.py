@@ -4,7 +4,7 @@ Mei shows that a ConvNet whose pooling follows the tree implements the Bayes cla
 root symbol: its layers compute the upward BP messages, and the root belief
 ``b_0(a) = h_0(a) + log prior(a)`` is a softmax away from ``p(root = a | x)``
 (BACKGROUND.md, "BP on a factorized GHM"). :class:`RootClassifier` is that ConvNet, built from
-the same blocks as :class:`~hdiff.denoisers.TreeUNet`'s encoder, reading clean leaves.
+the same blocks as :class:`~hdiff.models.TreeUNet`'s encoder, reading clean leaves.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from hdiff.denoisers.learned import channels_per_level, check_int, check_tree
-from hdiff.denoisers.tree_unet import ResBlock, TreeEncoder, TreeOrder
+from hdiff.models.tree_unet import ResBlock, TreeEncoder, TreeOrder
 from hdiff.ghm.layout import level_shape
 
 

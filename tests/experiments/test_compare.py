@@ -6,9 +6,9 @@ import json
 import pytest
 
 from hdiff.cli import main
-from hdiff.evaluation import compare as compare_module
-from hdiff.evaluation.compare import run_compare
-from hdiff.evaluation.compare_config import compare_config_from_dict, load_compare_config
+from hdiff.experiments import compare as compare_module
+from hdiff.experiments.compare import run_compare
+from hdiff.experiments.compare_config import compare_config_from_dict, load_compare_config
 from hdiff.config import to_toml
 
 TINY = {

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hdiff.config import from_dict, to_toml
-from hdiff.schedulers.factory import DISCRETE_SCHEDULERS, GAUSSIAN_SCHEDULERS
+from hdiff.noise import get_process
+from hdiff.schedulers.factory import check_pair
 from hdiff.training.config import ModelConfig, TrainConfig, train_config_from_dict
-from hdiff.training.models import model_class
+from hdiff.models.registry import model_class
 
 
 @dataclass
@@ -125,12 +126,12 @@ class CompareConfig:
         names = [s.name for s in c.samplers]
         if len(set(names)) != len(names) or not all(n.replace("-", "").replace("_", "").isalnum() for n in names):
             raise ValueError(f"compare.samplers.name must be distinct words (letters, digits, - and _), got {names}")
-        process = self.train.noise.process
-        allowed = GAUSSIAN_SCHEDULERS if process == "gaussian" else DISCRETE_SCHEDULERS[process]
+        process = get_process(self.train.noise.process, 2)
         for s in c.samplers:
-            if s.scheduler not in allowed:
-                raise ValueError(f"compare.samplers.scheduler: {s.scheduler!r} does not sample {process} noise "
-                                 f"(choose from {allowed})")
+            try:
+                check_pair(process, s.scheduler)
+            except ValueError as e:
+                raise ValueError(f"compare.samplers.scheduler: {e}") from None
             if s.steps < 0:
                 raise ValueError(f"compare.samplers.steps must be >= 0 (0: one per leaf), got {s.steps}")
         for name in ("num_samples", "nelbo_samples", "kl_samples", "kl_bins", "panel_size", "workers"):

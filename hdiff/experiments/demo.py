@@ -8,7 +8,6 @@ posterior of the clean leaves and of the root class.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -19,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hdiff.bp import posterior
-from hdiff.evaluation.plots import plot_tokens
+from hdiff.experiments.plots import plot_tokens
+from hdiff.io import write_json_atomic
 from hdiff.ghm import GHM
 from hdiff.noise import UniformProcess
 
@@ -76,9 +76,7 @@ def run_quicklook(out_dir: str | os.PathLike, config: QuicklookConfig | None = N
     }
     plot_tokens(x0, ghm.vocab_size, out / "samples.png",
                 title=f"samples: RHM v={cfg.vocab_size}, m={cfg.num_rules}, s={cfg.branching}, L={cfg.depth}")
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    write_json_atomic(out / "summary.json", summary)
     return summary
 
 

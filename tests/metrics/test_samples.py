@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from hdiff.denoisers import BPDenoiser
-from hdiff.evaluation.metrics import (PosteriorKL, SampleQuality, derivable_symbols, exact_leaf_marginals,
+from hdiff.metrics import (PosteriorKL, SampleQuality, derivable_symbols, exact_leaf_marginals,
                                       level_validity, posterior_kl, sample_quality)
 from hdiff.ghm import GHM, enumerate_strings
 from hdiff.ghm.layout import to_tree_order
 from hdiff.noise import MaskingProcess, UniformProcess
-from hdiff.training.data import row_keys
+from hdiff.tokens import row_keys
 
 
 def _mixed_tokens(ghm: GHM, n: int, seed: int) -> torch.Tensor:

@@ -4,10 +4,10 @@ For every training-set size ``n`` of the config and every learned model, train i
 ``n`` samples (:func:`hdiff.training.train`), then let every denoiser (the learned ones and the
 exact oracle) sample through the *same* schedulers with the *same* random draws, and measure:
 
-- sample quality (:func:`~hdiff.evaluation.metrics.sample_quality`): validity and per-level
+- sample quality (:func:`~hdiff.metrics.sample_quality`): validity and per-level
   validity, exact NLL of the samples, memorisation of the size-``n`` training set, novelty,
   diversity, root-class TV, leaf-marginal KL;
-- the likelihood bound of the noise process (:func:`~hdiff.evaluation.likelihood.nelbo`) on
+- the likelihood bound of the noise process (:func:`~hdiff.metrics.likelihood.nelbo`) on
   held-out data, beside the exact NLL of the same data (BP) and the exact entropy;
 - ``KL(oracle || learned)`` of the leaf posteriors per noise level (learned models).
 
@@ -36,17 +36,18 @@ import torch
 from tqdm.auto import tqdm
 
 from hdiff.denoisers import BPDenoiser
-from hdiff.evaluation.compare_config import CompareConfig, SamplerSpec
-from hdiff.evaluation.likelihood import nelbo
-from hdiff.evaluation.metrics import posterior_kl, sample_quality
+from hdiff.experiments.compare_config import CompareConfig, SamplerSpec
+from hdiff.metrics.likelihood import nelbo
+from hdiff.metrics import posterior_kl, sample_quality
 from hdiff.ghm import GHM
 from hdiff.sampling import sample
 from hdiff.schedulers.factory import make_scheduler, scheduler_options
 from hdiff.training import TrainConfig, load_train_config, load_trained, train
 from hdiff.training.config import train_config_from_dict
-from hdiff.training.artifacts import write_csv_atomic, write_text_atomic
-from hdiff.training.data import GHMDataset, row_keys, stream_seed
-from hdiff.training.models import PROCESSES
+from hdiff.io import atomic_write, write_csv_atomic, write_json_atomic, write_text_atomic
+from hdiff.training.data import GHMDataset, stream_seed
+from hdiff.tokens import row_keys
+from hdiff.noise import get_process
 from hdiff.training.trainer import RESUMABLE_FIELDS, config_differences
 
 ORACLE = "oracle"
@@ -69,8 +70,8 @@ def _steps(spec: SamplerSpec, ghm: GHM) -> int:
 
 def draw_samples(denoiser: Any, spec: SamplerSpec, ghm: GHM, num: int, seed: int, schedule: str) -> torch.Tensor:
     """``num`` samples ``(num, *leaf_shape)`` of ``denoiser`` through the sampler ``spec``, seeded by ``seed``."""
-    discrete = spec.scheduler not in ("ddpm", "ddim", "euler", "dpmsolver")
-    kwargs = {"schedule": schedule} if discrete and spec.scheduler != "discrete-ddim" else {}
+    # the training schedule everywhere, except diffusers' DiscreteDDIMScheduler, which has its own fixed one
+    kwargs = {"schedule": schedule} if spec.scheduler != "discrete-ddim" else {}
     scheduler = make_scheduler(spec.scheduler, prediction_type=spec.prediction_type, unmasking=spec.unmasking, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     return sample(denoiser, scheduler, batch_size=num, num_inference_steps=_steps(spec, ghm), generator=gen,
@@ -90,7 +91,7 @@ class Sweep:
         self.cfg, self.out = cfg, Path(out)
         self.show = progress
         self.ghm = cfg.train.ghm.build()
-        self.process = PROCESSES[cfg.train.noise.process](self.ghm.vocab_size)
+        self.process = get_process(cfg.train.noise.process, self.ghm.vocab_size)
         self.oracle = BPDenoiser(self.ghm, self.process)
         c, d = cfg.compare, cfg.train.data
         # nested training sets (the set of n is a prefix of the largest); held-out data excludes all of them
@@ -155,7 +156,7 @@ class Sweep:
         row["eval_time_s"] = time.monotonic() - start
         row["fingerprint"] = self.fingerprint(denoiser, n)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / "cells" / f"{cell_name(denoiser, n)}.json", json.dumps(row, indent=2))
+        write_json_atomic(self.out / "cells" / f"{cell_name(denoiser, n)}.json", row)
         return row
 
     def _samples(self, model: Any, denoiser: str, spec: SamplerSpec, k: int) -> torch.Tensor:
@@ -173,7 +174,8 @@ class Sweep:
             return self._oracle_cache["bound"]
         c = self.cfg.compare
         gen = torch.Generator().manual_seed(stream_seed(c.seed, _NELBO_STREAM))
-        mean, se = nelbo(model, self.nelbo_data, num_draws=c.nelbo_draws, generator=gen).bits_per_leaf(self.ghm.num_leaves)
+        mean, se = nelbo(model, self.nelbo_data, num_draws=c.nelbo_draws, schedule=self.cfg.train.schedule,
+                           generator=gen).bits_per_leaf(self.ghm.num_leaves)
         out = {"nelbo_bits_per_leaf": mean, "nelbo_se": se}
         if denoiser == ORACLE:
             self._oracle_cache["bound"] = out
@@ -182,9 +184,8 @@ class Sweep:
     def _save_samples(self, denoiser: str, n: int, sampler: str, tokens: torch.Tensor) -> None:
         path = self.out / "samples" / f"{cell_name(denoiser, n)}.{sampler}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(tokens[:self.cfg.compare.panel_size].clone(), tmp)
-        os.replace(tmp, path)
+        panel = tokens[:self.cfg.compare.panel_size].clone()
+        atomic_write(path, lambda tmp: torch.save(panel, tmp))
 
     # ------------------------------------------------------------------ the sweep
     def summary(self) -> dict[str, Any]:
@@ -196,7 +197,7 @@ class Sweep:
                 "heldout_nll_bits_per_leaf": float(exact.mean()),
                 "heldout_nll_se": float(exact.std() / math.sqrt(len(exact))),
                 "num_leaves": self.ghm.num_leaves, "depth": self.ghm.depth, "vocab_size": self.ghm.vocab_size,
-                "layout": self.ghm.layout, "process": self.process.kind,
+                "layout": self.ghm.layout, "process": self.process.name,
                 "samplers": [{"name": s.name, "scheduler": s.scheduler, "steps": _steps(s, self.ghm),
                               "unmasking": s.unmasking} for s in self.cfg.compare.samplers]}
 
@@ -231,7 +232,7 @@ class Sweep:
         bar.close()
         metrics = {**self.summary(), "rows": rows, "cells_skipped": skipped, "time_s": time.monotonic() - start}
         write_metrics(self.out, metrics)
-        from hdiff.evaluation.report import write_report
+        from hdiff.experiments.report import write_report
 
         write_report(self.out, metrics)
         return metrics
@@ -298,5 +299,5 @@ def run_compare(cfg: CompareConfig, out: str | os.PathLike, *, progress: bool | 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     """``metrics.json`` (everything) and ``metrics.csv`` (one row per (n, denoiser), scalars only)."""
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_json_atomic(out / "metrics.json", metrics)
     write_csv_atomic(out / "metrics.csv", metrics["rows"])

@@ -8,7 +8,7 @@ import torch
 
 from hdiff.cli import main
 from hdiff.config import from_dict
-from hdiff.evaluation.classify import (ClassifyConfig, MLPClassifier, bayes_accuracy, build_model, n_at_fraction,
+from hdiff.experiments.classify import (ClassifyConfig, MLPClassifier, bayes_accuracy, build_model, n_at_fraction,
                                        num_params)
 
 TINY = """

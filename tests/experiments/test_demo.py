@@ -4,7 +4,7 @@ import json
 import math
 
 from hdiff.cli import main
-from hdiff.evaluation.quicklook import QuicklookConfig, format_summary, run_quicklook
+from hdiff.experiments.demo import QuicklookConfig, format_summary, run_quicklook
 
 
 def test_quicklook(tmp_path):

@@ -1,6 +1,6 @@
 """The report of ``hdiff compare``: PNG plots, ``report.md`` and a self-contained ``report.html``.
 
-Everything is drawn from ``metrics.json`` (what :func:`hdiff.evaluation.compare.run_compare`
+Everything is drawn from ``metrics.json`` (what :func:`hdiff.experiments.compare.run_compare`
 returns) and the sample panels saved under ``OUT/samples/``; the HTML embeds its images, so it
 reads offline from a single file.
 """
@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hdiff.evaluation.plots import save_figure, symbol_colormap  # noqa: E402
-from hdiff.training.artifacts import write_text_atomic  # noqa: E402
+from hdiff.experiments.plots import save_figure, symbol_colormap  # noqa: E402
+from hdiff.io import write_text_atomic  # noqa: E402
 
 ORACLE = "oracle"
 PLOTS = {

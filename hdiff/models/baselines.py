@@ -3,7 +3,7 @@
 Each wraps a diffusers model between an input projection (tokens: ``nn.Embedding(v + 1, C)``,
 row ``v`` = MASK; Gaussian states: a 1x1 conv from ``k`` channels) and a 1x1-conv logit head
 (SiLU, then ``C -> v``), so it reads the same ``x_t`` and returns the same
-``log p(x0_i = b | x_t)`` ``(B, v, *leaf_shape)`` as :class:`~hdiff.denoisers.TreeUNet`.
+``log p(x0_i = b | x_t)`` ``(B, v, *leaf_shape)`` as :class:`~hdiff.models.TreeUNet`.
 
 Noise conditioning: the diffusers U-Net gets a *continuous* timestep computed from the signal
 level ``u`` in [0, 1] of :meth:`LearnedDenoiser.signal_level` (discrete noise: ``u = alpha``;

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hdiff.denoisers import BPDenoiser, RootClassifier, TreeUNet, UNet1DBaseline, UNet2DBaseline
+from hdiff.denoisers import BPDenoiser
+from hdiff.models import RootClassifier, TreeUNet, UNet1DBaseline, UNet2DBaseline
 from hdiff.denoisers.learned import LOG_SNR_MAX
-from hdiff.denoisers.tree_unet import TreeOrder
+from hdiff.models.tree_unet import TreeOrder
 from hdiff.ghm import GHM
 from hdiff.ghm.layout import from_tree_order
 

@@ -29,7 +29,6 @@ probed here (only the exact oracle).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -43,13 +42,12 @@ from tqdm.auto import tqdm
 from hdiff.bp import sample_posterior
 from hdiff.config import GHMConfig, load_toml, to_toml
 from hdiff.ghm import GHM, to_tree_order
-from hdiff.noise import GaussianProcess, MaskingProcess, UniformProcess
+from hdiff.noise import get_process
 from hdiff.noise.base import NoiseProcess
-from hdiff.evaluation.plots import save_figure
-from hdiff.training.artifacts import write_csv_atomic, write_text_atomic
+from hdiff.experiments.plots import save_figure
+from hdiff.io import write_csv_atomic, write_json_atomic, write_text_atomic
 
 ProcessName = Literal["masking", "gaussian", "uniform"]
-_PROCESSES = {"masking": MaskingProcess, "gaussian": GaussianProcess, "uniform": UniformProcess}
 
 
 def _grid(n: int) -> list[float]:
@@ -191,7 +189,7 @@ def transition(alphas: list[float], class_kept: list[float], collision: float) -
 def plot_probe(curves: list[dict], path: str | os.PathLike) -> None:
     """One row per process: class kept and changed leaves vs alpha (one colour per depth), per-level kept
     at the largest depth, and the chunk size."""
-    from hdiff.evaluation.plots import plt
+    from hdiff.experiments.plots import plt
 
     processes = list(dict.fromkeys(c["process"] for c in curves))
     fig, axes = plt.subplots(len(processes), 3, figsize=(14, 3.8 * len(processes)), squeeze=False)
@@ -247,7 +245,7 @@ def run_probe(cfg: ProbeConfig, out: str | os.PathLike, *, progress: bool = True
         x0, tree = ghm.sample(cfg.num_samples, generator=gen, return_tree=True)
         collision = float((ghm.root_prior.double() ** 2).sum())
         for name in cfg.processes:
-            process = _PROCESSES[name](ghm.vocab_size)
+            process = get_process(name, ghm.vocab_size)
             curve: dict = {"process": name, "depth": depth, "ghm": repr(ghm), "collision_probability": collision,
                            "alpha": []}
             for alpha in getattr(cfg.alphas, name):
@@ -266,7 +264,7 @@ def run_probe(cfg: ProbeConfig, out: str | os.PathLike, *, progress: bool = True
     bar.close()
     metrics = {"curves": curves, "wall_seconds": time.perf_counter() - start, "config": dataclasses.asdict(cfg)}
     write_csv_atomic(out / "metrics.csv", rows)
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_json_atomic(out / "metrics.json", metrics)
     plot_probe(curves, out / "probe.png")
     return metrics
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import matplotlib
 
@@ -13,15 +12,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from hdiff.io import atomic_write  # noqa: E402
+
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike, *, dpi: int = 100) -> None:
     """``tight_layout``, save to a temporary file, rename onto ``path`` (never half a PNG), close ``fig``."""
-    path = Path(path)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def symbol_colormap(vocab_size: int) -> ListedColormap:

@@ -5,7 +5,7 @@ the Bayes classifier of the root; Cagnetta et al. (PRX 2024) find that on the RH
 needs about ``n_c m^L`` training samples, a fully connected net about the number of valid strings
 ``P_max = n_c m^((s^L - 1)/(s - 1))`` (BACKGROUND.md, "Random hierarchy model").
 :func:`run_classify` measures it: for each training-set size ``n`` it trains
-:class:`~hdiff.denoisers.RootClassifier` and an :class:`MLPClassifier` of similar parameter count on
+:class:`~hdiff.models.RootClassifier` and an :class:`MLPClassifier` of similar parameter count on
 the first ``n`` samples of one stream (the training sets are nested), and reports their test
 accuracy beside the Bayes-optimal accuracy, that of ``argmax p(root | leaves)`` from exact BP.
 For an unambiguous RHM the leaves determine the root, so the Bayes accuracy is exactly 1: the
@@ -14,7 +14,6 @@ question is only how many samples each architecture needs to approach it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -28,10 +27,10 @@ from tqdm.auto import tqdm
 
 from hdiff.bp import posterior
 from hdiff.config import GHMConfig, load_toml, to_toml
-from hdiff.denoisers import RootClassifier
+from hdiff.models import RootClassifier
 from hdiff.ghm import GHM
-from hdiff.evaluation.plots import save_figure
-from hdiff.training.artifacts import write_csv_atomic, write_text_atomic
+from hdiff.experiments.plots import save_figure
+from hdiff.io import write_csv_atomic, write_json_atomic, write_text_atomic
 
 ModelName = Literal["convnet", "mlp"]
 
@@ -216,7 +215,7 @@ def n_at_fraction(ns: list[int], accuracies: list[float], target: float) -> floa
 
 def plot_accuracy(metrics: dict, path: str | os.PathLike) -> None:
     """Test accuracy vs ``n`` (log axis) per model, with the Bayes accuracy, 90% of it and chance."""
-    from hdiff.evaluation.plots import plt
+    from hdiff.experiments.plots import plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, res in metrics["models"].items():
@@ -285,7 +284,7 @@ def run_classify(cfg: ClassifyConfig, out: str | os.PathLike, *, progress: bool 
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["config"] = asdict(cfg)
     write_csv_atomic(out / "metrics.csv", rows)
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_json_atomic(out / "metrics.json", metrics)
     plot_accuracy(metrics, out / "accuracy.png")
     return metrics
 

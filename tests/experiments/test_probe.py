@@ -8,7 +8,7 @@ import torch
 
 from hdiff.cli import main
 from hdiff.config import GHMConfig, from_dict
-from hdiff.evaluation.probe import (ProbeConfig, change_statistics, crossing, forward_backward, transition,
+from hdiff.experiments.probe import (ProbeConfig, change_statistics, crossing, forward_backward, transition,
                                     tree_distance)
 from hdiff.noise import GaussianProcess, MaskingProcess, UniformProcess
 

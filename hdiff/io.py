@@ -1,0 +1,90 @@
+"""The one way hdiff writes files: atomically, so a reader (or a resumed run) never sees half a file.
+
+Every writer goes through :func:`atomic_write`: the content is written to a uniquely named
+temporary file in the destination's directory (``mkstemp``, so two processes never share one),
+flushed to disk, and renamed onto the destination (``os.replace`` is atomic on POSIX). A crash or a
+kill leaves either the old file or the new one, plus at worst a stray ``.name.*`` temporary.
+Directories (a ``save_pretrained`` model) are swapped in the same way by :func:`atomic_directory`.
+See docs/guarantees.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` on a fresh temporary file beside ``path``, then rename it onto ``path``.
+
+    Args:
+        path: the destination file (its directory must exist).
+        write: writes the whole content to the path it is given (e.g. ``torch.save``, ``savefig``).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # the rename must not land before the data does
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """``json.dumps(obj)`` to ``path`` atomically (``NaN`` / ``inf`` are written as JSON allows them)."""
+    write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Rows of scalars as CSV (columns in order of first appearance; lists and dicts left out), atomically."""
+    columns = list(dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, (list, dict))))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``directory``; on success swap it in, never half a directory.
+
+    Example:
+        >>> with atomic_directory(out / "model") as tmp:
+        ...     model.save_pretrained(tmp)
+    """
+    directory = Path(directory)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        yield tmp
+        old = None
+        if directory.exists():  # rename the old one away first: a directory cannot be replaced in one step
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+            os.replace(directory, old / "d")
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
