@@ -1,4 +1,4 @@
-"""One level of belief propagation for each kernel family (BACKGROUND.md, "BP on a ... GHM").
+"""One level of belief propagation for each kernel family (docs/bp.md).
 
 Messages are held in BP's internal order (:mod:`hdiff.bp._order`), a level as ``(A, N * B)``, in
 one of two forms, chosen per level:

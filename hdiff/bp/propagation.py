@@ -4,7 +4,7 @@ Evidence is a per-leaf log-likelihood ``log p(obs_i | x0_i = b)``, shape ``(B, *
 (``-inf`` = hard evidence that excludes ``b``). The upward pass (leaves to root) computes every
 node's inside message ``log p(evidence below | symbol)``, shifted to max 0 per node with the
 shifts summed (in float64) into the log-evidence; the downward pass turns the root posterior into every
-node's posterior marginal (BACKGROUND.md, "BP on a production-rule GHM"). The only Python loop is
+node's posterior marginal (docs/bp.md). The only Python loop is
 over levels; everything is vectorised over batch and nodes (see :mod:`hdiff.bp._order` for the
 memory layout) and runs on whatever device the evidence is on.
 
@@ -55,8 +55,11 @@ def _check_evidence(ghm: GHM, leaf_log_lik: torch.Tensor) -> torch.Tensor:
     return leaf_log_lik
 
 
-def _upward(ghm: GHM, leaf_log_lik: torch.Tensor):
-    """Inside pass. Returns the root posterior ``(B, num_classes)``, log-evidence ``(B,)`` and caches."""
+def _upward(ghm: GHM, leaf_log_lik: torch.Tensor, keep: list | None = None):
+    """Inside pass. Returns the root posterior ``(B, num_classes)``, log-evidence ``(B,)`` and caches.
+
+    With ``keep`` (a list), appends every level's inside log-messages in internal order, leaves first.
+    """
     leaf_log_lik = _check_evidence(ghm, leaf_log_lik)
     B = leaf_log_lik.shape[0]
     # to internal order first: the per-leaf max is then a reduction over rows (fast), not over a short last dim
@@ -72,13 +75,40 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor):
     caches = [None] * ghm.depth
     prob = False  # h's form: log (max 0 per node) or probability (max 1 per node), as each level chooses
     for level in reversed(range(ghm.depth)):
+        if keep is not None:
+            keep.append(to_log(h, prob).clone())
         h, prob, shift, caches[level] = upward(ghm.kernels[level], h, prob)
         log_scale += shift.view(ghm.branching**level, B).sum(0, dtype=torch.float64)
     h = to_log(h, prob)
+    if keep is not None:
+        keep.append(h.clone())
     prior = ghm.root_prior.to(device=h.device, dtype=h.dtype)
     logits = h + torch.where(prior > 0, prior.log(), -torch.inf).unsqueeze(1)  # (num_classes, B)
     lse, root = logsumexp_and_softmax(logits, 0)
     return root, (log_scale + lse).to(h.dtype), caches
+
+
+def upward_messages(ghm: GHM, leaf_log_lik: torch.Tensor) -> list[torch.Tensor]:
+    """Every node's inside message ``log p(evidence below the node | symbol)``, shifted to max 0 per node.
+
+    These are the upward (leaf-to-root) messages of BP, the quantities an encoder level of a U-Net
+    would compute (Mei 2024); used by the message probes of :mod:`hdiff.metrics.message_probes`.
+
+    Args:
+        ghm: the model.
+        leaf_log_lik: ``(B, *leaf_shape, v)`` leaf log-likelihoods.
+
+    Returns:
+        ``depth + 1`` tensors, root first: level ``l`` is ``(B, *level_shape(l), symbols(l))``
+        (``-inf`` for a symbol the evidence below rules out; a row whose evidence is impossible
+        may be all ``-inf``).
+    """
+    keep: list[torch.Tensor] = []
+    _upward(ghm, leaf_log_lik, keep)
+    out = []
+    for level, h in zip(range(ghm.depth, -1, -1), keep):
+        out.append(from_internal(h, ghm.level_shape(level), ghm.layout, ghm.branching, level))
+    return out[::-1]
 
 
 def log_evidence(ghm: GHM, leaf_log_lik: torch.Tensor) -> torch.Tensor:
@@ -130,7 +160,7 @@ def sample_posterior(ghm: GHM, leaf_log_lik: torch.Tensor, *, generator: torch.G
                      return_tree: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw ``x0`` jointly from ``p(x0 | evidence)``, one sample per batch row.
 
-    Top-down from the upward messages (BACKGROUND.md, "Exact joint sampling"): the root from its
+    Top-down from the upward messages (docs/bp.md, "Exact joint posterior sampling"): the root from its
     posterior, then each node's rule (or each child) given its drawn symbol and the evidence below.
 
     Args:

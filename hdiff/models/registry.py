@@ -14,6 +14,7 @@ import importlib
 _BUILTIN = {
     "tree_unet": {"sequence": "hdiff.models.tree_unet:TreeUNet", "image": "hdiff.models.tree_unet:TreeUNet"},
     "unet_baseline": {"sequence": "hdiff.models.baselines:UNet1DBaseline", "image": "hdiff.models.baselines:UNet2DBaseline"},
+    "bp_unet": {"sequence": "hdiff.models.bp_unet:BPUNet", "image": "hdiff.models.bp_unet:BPUNet"},
 }
 _REGISTERED: dict[str, type] = {}
 

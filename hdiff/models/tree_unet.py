@@ -1,6 +1,6 @@
 """The tree U-Net: a U-Net whose pooling follows the GHM's tree (Mei 2024, "U-Nets as belief propagation").
 
-Mei's construction (BACKGROUND.md, "BP on a factorized GHM"): the encoder computes the upward
+Mei's construction (docs/bp.md, docs/bp_unet.md): the encoder computes the upward
 messages level by level (each node's log-evidence ``h`` from its children's messages ``q``,
 i.e. a pooling over exactly the node's ``s`` children), the root block forms the root belief,
 the decoder sends the downward messages (up-sampling a parent's belief to its ``s`` children),
@@ -20,7 +20,7 @@ kernel-1 conv is one ``nn.Linear`` on ``(B*N, C)``, the pooling conv (kernel = s
 reshape ``(B, N, C) -> (B, N/s, s*C)`` plus one ``nn.Linear(s*C, C')``, and the transposed conv
 is ``nn.Linear(C', s*C)`` plus a reshape: mathematically the Conv1d / Conv2d(2x2, stride 2) /
 ConvTranspose of the design (the latter with a bias per kernel tap), as single GEMMs with no
-im2col or layout conversions (tests/denoisers/test_tree_unet.py checks the equivalence). Images are
+im2col or layout conversions (tests/models/test_tree_unet.py checks the equivalence). Images are
 permuted to tree order (Morton order, which makes a node's 2x2 block contiguous) once at the
 input and back once at the output. LayerNorm normalises each node over its channels, so every
 block is position-wise as in Mei's construction (no statistics shared across positions).
@@ -229,15 +229,45 @@ class TreeUNet(LearnedDenoiser):
 
     def logits(self, x_t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Leaf logits ``(B, v, *leaf_shape)`` (see :meth:`LearnedDenoiser.forward`)."""
+        return self._run(x_t, u, None)
+
+    def _run(self, x_t: torch.Tensor, u: torch.Tensor, features: dict | None) -> torch.Tensor:
         films = self._films(u)
         depth = self.config.depth
         h, skips = self.encoder(self._embed(x_t), films[:depth])
+        if features is not None:  # encoder level l < L: the block output there (after pooling from below)
+            features["encoder"] = [h, *skips[:0:-1]]
         h = self.root(h, films[depth])
+        decoded = [h]
         s = self.config.branching
         for j, (up, block) in enumerate(zip(self.ups, self.decoder)):
             b, n, _ = h.shape
             skip = skips[depth - 1 - j]
             h = up(h).reshape(b, n * s, skip.shape[-1])
             h = block(torch.cat([h, skip], dim=-1), films[depth + 1 + j], residual=h)
+            decoded.append(h)
+        if features is not None:
+            features["decoder"] = decoded
         out = self.head(F.silu(self.head_norm(h)))  # (B, N, v)
         return self.order.from_tree(out).movedim(-1, 1)
+
+    @torch.no_grad()
+    def tree_features(self, x_t: torch.Tensor, alpha) -> dict[str, list[torch.Tensor]]:
+        """Every level's activations, for probing them against BP's messages (Mei 2024).
+
+        Args:
+            x_t: a state of :attr:`process` (as :meth:`forward`).
+            alpha: the signal level, a float or ``(B,)``.
+
+        Returns:
+            ``{"encoder": [...], "decoder": [...]}``, each root first and in tree order: encoder
+            level ``l`` (``l = 0 .. L-1``) is ``(B, s**l, C_l)``, what the encoder holds about the
+            subtree below each node (the root: the pooled input of the bottleneck); decoder level
+            ``l`` (``l = 0 .. L``) is ``(B, s**l, C_l)``, the decoder's state there (the root: the
+            bottleneck's output), which sees the whole input.
+        """
+        self.check_input(x_t)
+        u = self.signal_level(alpha, x_t.shape[0], x_t.device)
+        features: dict[str, list[torch.Tensor]] = {}
+        self._run(x_t, u, features)
+        return features
