@@ -3,7 +3,7 @@
 Mei (2024) shows that a ConvNet whose pooling follows the tree implements BP's upward pass, hence
 the Bayes classifier of the root; Cagnetta et al. (PRX 2024) find that on the RHM such a deep CNN
 needs about ``n_c m^L`` training samples, a fully connected net about the number of valid strings
-``P_max = n_c m^((s^L - 1)/(s - 1))`` (BACKGROUND.md, "Random hierarchy model").
+``P_max = n_c m^((s^L - 1)/(s - 1))`` (docs/ghm.md, "The random hierarchy model (RHM)").
 :func:`run_classify` measures it: for each training-set size ``n`` it trains
 :class:`~hdiff.models.RootClassifier` and an :class:`MLPClassifier` of similar parameter count on
 the first ``n`` samples of one stream (the training sets are nested), and reports their test

@@ -1,6 +1,6 @@
 """Kernels: how a parent symbol emits its ``branching`` children (one tree level).
 
-Two families (DESIGN.md, "The GHM"):
+Two families (docs/ghm.md):
 
 - :class:`ProductionKernel` -- a parent ``a`` picks rule ``r`` with probability ``weights[a, r]``
   and emits the tuple ``rules[a, r]`` (the random hierarchy model of Cagnetta et al. 2024).

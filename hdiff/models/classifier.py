@@ -3,7 +3,7 @@
 Mei shows that a ConvNet whose pooling follows the tree implements the Bayes classifier of the
 root symbol: its layers compute the upward BP messages, and the root belief
 ``b_0(a) = h_0(a) + log prior(a)`` is a softmax away from ``p(root = a | x)``
-(BACKGROUND.md, "BP on a factorized GHM"). :class:`RootClassifier` is that ConvNet, built from
+(docs/bp.md). :class:`RootClassifier` is that ConvNet, built from
 the same blocks as :class:`~hdiff.models.TreeUNet`'s encoder, reading clean leaves.
 """
 

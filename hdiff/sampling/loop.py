@@ -36,7 +36,7 @@ def sample(denoiser: Denoiser, scheduler, *, batch_size: int, num_inference_step
         generator: the only RNG used.
         x0_mode: ``"marginal"`` (per-leaf posteriors) or ``"joint"``: at every step draw ``x0``
             jointly from ``p(x0 | x_t)`` and step conditioned on it, which makes discrete reverse
-            steps exact at any step count (DESIGN.md, "Schedulers").
+            steps exact at any step count (docs/denoisers.md, "Marginal vs joint x0").
         step_kwargs: extra keyword arguments for ``scheduler.step`` (e.g. ``temperature=1.0``).
         alpha_fn, channels_last: forwarded to :class:`SchedulerModelAdapter`.
         device: where the states live.

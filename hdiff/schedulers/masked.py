@@ -10,7 +10,7 @@ Reverse (MDLM, Sahoo et al. 2024, "Simple and Effective Masked Diffusion Languag
 
 and averaging over the denoiser's ``p(x0_i | x_t)`` replaces ``1[x_s = x0]`` by ``p(x0_i = x_s | x_t)``.
 Revealing leaves independently factorises the step; it is exact only when at most one leaf is
-revealed per step, hence ``unmasking="fixed"`` (DESIGN.md, "Schedulers").
+revealed per step, hence ``unmasking="fixed"`` (docs/schedulers.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Forward: ``q(x_t = c | x0 = a) = alpha_t 1[c = a] + (1 - alpha_t) / v`` (keep wi
     p(x_s = c | x_t) = sum_a p(a | x_t) q(x_s = c | x_t, a)
                      = sum_a p(a | x_t) q(x_t | x_s = c) q(x_s = c | a) / q(x_t | a)        (Bayes)
 
-(BACKGROUND.md, "Diffusion on GHM leaves"). D3PM's x0-parametrisation (Austin et al. 2021,
+(docs/schedulers.md). D3PM's x0-parametrisation (Austin et al. 2021,
 "Structured Denoising Diffusion Models in Discrete State-Spaces") instead uses
 ``∝ sum_a p(a | x_t) q(x_t | x_s = c) q(x_s = c | a)``, without dividing by ``q(x_t | a)``: it
 counts the evidence of ``x_t`` twice (the denoiser's posterior already contains it) and so

@@ -1,6 +1,6 @@
 """Fixed training sets of ``n`` GHM samples, a disjoint held-out set, and a resumable batch order.
 
-The experiments vary ``n`` (DESIGN.md: oracle vs learned "as the training set grows"), so sets are
+The experiments vary ``n`` (docs/experiments.md: oracle vs learned as the training set grows), so sets are
 drawn in fixed-size chunks from one seeded generator: the training set of ``n`` is the first ``n``
 samples of the training set of any ``n' > n`` with the same seed (nested sets, one seed per curve).
 The held-out set comes from a different stream and drops every exact copy of a training sample,
