@@ -115,7 +115,7 @@ def message_probes(model: Any, ghm: GHM, x0: torch.Tensor, *, num_bins: int = 4,
         for side, targets in (("encoder", up), ("decoder", marg)):
             per_level = [torch.cat(parts) for parts in zip(*feats[side])]
             for level, act in enumerate(per_level):
-                x = act.reshape(-1, act.shape[-1])
+                x = act.reshape(-1, act.shape[-1]).clamp_min(-LOG_FLOOR)  # a "log 0" feature reads as very unlikely, as the targets do
                 t = targets[level]
                 y = _centred_log(_tree_rows(t.log() if side == "decoder" else t, ghm, level))
                 per = y.shape[0] // n  # nodes per sample at this level

@@ -58,71 +58,92 @@ def _exclusive_sum(y: torch.Tensor, dim: int) -> torch.Tensor:
 class ProductionLevel(nn.Module):
     """One production level: pooling conv + grouped log-sum-exp up, transposed conv + cavity down.
 
+    The rule tables are *soft*: child slot ``j`` of rule ``(a, r)`` emits symbol ``c`` with
+    probability ``t_j(c | a, r) = softmax(rule_logits)`` and the rule weights are
+    ``w(r | a) = softmax(log_weight)``. A GHM's rules are the one-hot limit (logits ``0`` /
+    :data:`LOG_ZERO`), where every formula below is exactly BP; at finite logits the level is exact
+    BP for the "soft grammar" whose rules emit each child from ``t_j``, so a randomly initialised
+    network is a proper probabilistic model and its messages stay bounded while it trains.
+
     Args:
         parents, children: alphabet sizes ``A`` (this level) and ``C`` (the level below).
         num_rules: ``m``.
         branching: ``s``.
         pair: a :class:`PairwiseLSE` for the finite-width network, or None (exact, probability-space convs).
 
-    Parameters: ``rule_table`` ``(A*m, s*C)`` (row ``a*m + r``, column ``j*C + c``: 1 where
-    ``rho_j(a, r) = c``), shared by the pooling conv and its transpose; ``log_weight`` ``(A, m)``,
-    the pooling conv's bias.
+    Parameters: ``rule_logits`` ``(A*m, s, C)`` (the weights of the pooling conv and of its
+    transpose, tied), ``log_weight`` ``(A, m)`` (the pooling conv's bias).
     """
 
     def __init__(self, parents: int, children: int, num_rules: int, branching: int, pair: PairwiseLSE | None) -> None:
         super().__init__()
         self.shape = (parents, children, num_rules, branching)
-        self.rule_table = nn.Parameter(torch.empty(parents * num_rules, branching * children))
+        self.rule_logits = nn.Parameter(torch.empty(parents * num_rules, branching, children))
         self.log_weight = nn.Parameter(torch.empty(parents, num_rules))
         self.pair = pair
 
+    @property
+    def rule_table(self) -> torch.Tensor:
+        """``(A*m, s*C)`` emission probabilities (row ``a*m + r``, column ``j*C + c``): 0/1 for a GHM's rules."""
+        return torch.softmax(self.rule_logits, -1).flatten(1)
+
     def reset_random(self, scale: float) -> None:
-        """Soft random rules: each (rule, child slot) row a softmax of ``scale * N(0, 1)`` logits; uniform weights."""
-        A, C, m, s = self.shape
+        """Soft random rules: logits ``scale * N(0, 1)``; uniform rule weights."""
         with torch.no_grad():
-            self.rule_table.copy_(torch.softmax(scale * torch.randn(A * m, s, C), -1).flatten(1))
-            self.log_weight.fill_(-math.log(m))
+            self.rule_logits.normal_(0.0, 1.0).mul_(scale)
+            self.log_weight.fill_(-math.log(self.shape[2]))
 
     def set_kernel(self, kernel: ProductionKernel) -> None:
-        """Exact weights: one-hot rule tuples and ``log w`` (``LOG_ZERO`` for zero weights)."""
+        """Exact weights: one-hot rule tuples (logits 0 / ``LOG_ZERO``) and ``log w`` (``LOG_ZERO`` for 0)."""
         A, C, m, s = self.shape
-        rows = torch.arange(A * m).repeat_interleave(s)
-        cols = (torch.arange(s) * C + kernel.rules.cpu().reshape(A * m, s)).flatten()
-        table = torch.zeros(A * m, s * C)
-        table[rows, cols] = 1.0
+        onehot = F.one_hot(kernel.rules.cpu().reshape(A * m, s), C)
         with torch.no_grad():
-            self.rule_table.copy_(table)
+            self.rule_logits.copy_((1 - onehot).float() * LOG_ZERO)
             self.log_weight.copy_(safe_log(kernel.weights.cpu()).float())
 
     def up(self, u_children: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """``(B, M, s*C)`` children's messages -> ``U`` ``(B, M, A)`` (max 0 per node) and the skip.
 
-        ``z = conv(U_children) + log w`` ``(B, M, A*m)``; ``U(a) = logsumexp_r z(a, r) - max_a(.)``.
+        ``y_j(a, r) = log sum_c t_j(c | a, r) exp U_j(c)`` (``= U_j(rho_j(a, r))`` for one-hot rules),
+        ``z(a, r) = log w(r | a) + sum_j y_j(a, r)`` (the pooling conv and its bias),
+        ``U(a) = logsumexp_r z(a, r) - max_a(.)``.
         """
         A, C, m, s = self.shape
-        z = F.linear(u_children, self.rule_table, self.log_weight.flatten())
+        uc = u_children.unflatten(-1, (s, C))  # (B, M, s, C)
+        log_w = torch.log_softmax(self.log_weight, -1).flatten()
+        log_t = torch.log_softmax(self.rule_logits, -1)  # (A*m, s, C)
+        terms = uc.unsqueeze(-3) + log_t  # (B, M, A*m, s, C)
+        # log space (not a matmul in probability space): every finite upward message stays exact,
+        # however far below its node's max (the encoder's messages are what probes compare with BP)
+        y = torch.logsumexp(terms, -1) if self.pair is None else tree_logsumexp(terms, self.pair)  # (B, M, A*m, s)
+        z = log_w + y.sum(-1)  # (B, M, A*m)
         zr = z.unflatten(-1, (A, m))
         u = torch.logsumexp(zr, -1) if self.pair is None else tree_logsumexp(zr, self.pair)
-        return u - u.amax(-1, keepdim=True).detach(), (u_children, z)
+        return u - u.amax(-1, keepdim=True).detach(), (y, z)
 
     def down(self, d_parent: torch.Tensor, skip: tuple) -> torch.Tensor:
         """``D`` ``(B, M, A)`` -> children's ``D`` ``(B, M, s*C)``.
 
-        ``T = D(a) + z(a, r)``; ``D_j(c) = log sum_{(a, r)} W[(a, r), (j, c)] exp T(a, r) - U_j(c)``.
+        ``T(a, r) = D(a) + z(a, r)`` (``z`` by the long skip); the cavity removes child ``j``'s own
+        term, ``T - y_j``, and the transposed conv spreads it over the child's symbols:
+        ``D_j(c) = log sum_{(a, r)} t_j(c | a, r) exp(T(a, r) - y_j(a, r))``.
         """
-        u_children, z = skip
-        t = z + d_parent.repeat_interleave(self.shape[2], dim=-1)  # (B, M, A*m)
-        if self.pair is None:  # transposed conv in probability space, stabilised per node
-            mx = t.amax(-1, keepdim=True).detach()
-            log_s = safe_log((t - mx).exp() @ self.rule_table) + mx
-        else:  # log-space: for each (j, c), a pairwise-lse tree over all (a, r) with log-weights
-            log_s = tree_logsumexp((t.unsqueeze(-1) + safe_log(self.rule_table)).transpose(-1, -2), self.pair)
-        return log_s - u_children  # the cavity: the child's own evidence leaves the message
+        y, z = skip
+        t_ar = z + d_parent.repeat_interleave(self.shape[2], dim=-1)  # (B, M, A*m)
+        cavity = t_ar.unsqueeze(-1) - y  # (B, M, A*m, s)
+        if self.pair is None:  # transposed conv in probability space, stabilised per (node, slot)
+            mx = cavity.amax(-2, keepdim=True).detach()
+            t = torch.softmax(self.rule_logits, -1)
+            d = safe_log(torch.einsum("bmnj,njc->bmjc", (cavity - mx).exp(), t)) + mx.transpose(-1, -2)
+        else:  # log-space: for each (j, c), a pairwise-lse tree over all (a, r)
+            log_t = torch.log_softmax(self.rule_logits, -1)  # (A*m, s, C)
+            d = tree_logsumexp((cavity.unsqueeze(-1) + log_t).permute(0, 1, 3, 4, 2), self.pair)  # (B, M, s, C)
+        return d.flatten(-2)
 
     def num_pairs(self) -> tuple[int, int]:
         """Pairwise log-sum-exps per node (up, down) of the finite-width network."""
         A, C, m, s = self.shape
-        return A * (m - 1), s * C * (A * m - 1)
+        return A * m * s * (C - 1) + A * (m - 1), s * C * (A * m - 1)
 
 
 class FactorizedLevel(nn.Module):
@@ -133,35 +154,38 @@ class FactorizedLevel(nn.Module):
         branching: ``s``.
         pair: as for :class:`ProductionLevel`.
 
-    Parameter: ``transition`` ``(s, A, C)``, the per-position weights ``T_j(a, c)`` of a conv
-    with kernel = stride = ``s`` (and of its transpose).
+    Parameter: ``transition_logits`` ``(s, A, C)``; the per-position weights ``T_j(a, c)`` of a conv
+    with kernel = stride = ``s`` (and of its transpose) are their softmax over ``c`` (row-stochastic,
+    as a GHM's transitions; :data:`LOG_ZERO` logits give exact zeros).
     """
 
     def __init__(self, parents: int, children: int, branching: int, pair: PairwiseLSE | None) -> None:
         super().__init__()
         self.shape = (parents, children, branching)
-        self.transition = nn.Parameter(torch.empty(branching, parents, children))
+        self.transition_logits = nn.Parameter(torch.empty(branching, parents, children))
         self.pair = pair
 
+    @property
+    def transition(self) -> torch.Tensor:
+        """``T_j(a, c)`` ``(s, A, C)``, rows summing to 1."""
+        return torch.softmax(self.transition_logits, -1)
+
     def reset_random(self, scale: float) -> None:
-        """Soft random transitions: rows softmax of ``scale * N(0, 1)`` logits."""
+        """Soft random transitions: logits ``scale * N(0, 1)``."""
         with torch.no_grad():
-            self.transition.copy_(torch.softmax(scale * torch.randn(self.transition.shape), -1))
+            self.transition_logits.normal_(0.0, 1.0).mul_(scale)
 
     def set_kernel(self, kernel: FactorizedKernel) -> None:
-        """Exact weights: ``T_j(a, c)``."""
+        """Exact weights: logits ``log T_j(a, c)`` (:data:`LOG_ZERO` for 0)."""
         with torch.no_grad():
-            self.transition.copy_(kernel.transitions.cpu().float())
+            self.transition_logits.copy_(safe_log(kernel.transitions.cpu().double()).float())
 
     def up(self, u_children: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """``(B, M, s*C)`` -> ``U`` ``(B, M, A)``: ``y_j(a) = log sum_c T_j(a, c) exp U_j(c)``, ``U = sum_j y_j``."""
         A, C, s = self.shape
         uc = u_children.unflatten(-1, (s, C))
-        if self.pair is None:
-            mx = uc.amax(-1, keepdim=True).detach()
-            y = safe_log(torch.einsum("bmjc,jac->bmja", (uc - mx).exp(), self.transition)) + mx
-        else:
-            y = tree_logsumexp(uc.unsqueeze(-2) + safe_log(self.transition), self.pair)  # (B, M, s, A)
+        terms = uc.unsqueeze(-2) + torch.log_softmax(self.transition_logits, -1)  # (B, M, s, A, C)
+        y = torch.logsumexp(terms, -1) if self.pair is None else tree_logsumexp(terms, self.pair)  # (B, M, s, A)
         u = y.sum(-2)
         return u - u.amax(-1, keepdim=True).detach(), (y,)
 
@@ -173,7 +197,8 @@ class FactorizedLevel(nn.Module):
             mx = cavity.amax(-1, keepdim=True).detach()
             d = safe_log(torch.einsum("bmja,jac->bmjc", (cavity - mx).exp(), self.transition)) + mx
         else:
-            d = tree_logsumexp((cavity.unsqueeze(-1) + safe_log(self.transition)).transpose(-1, -2), self.pair)
+            log_t = torch.log_softmax(self.transition_logits, -1)
+            d = tree_logsumexp((cavity.unsqueeze(-1) + log_t).transpose(-1, -2), self.pair)
         return d.flatten(-2)
 
     def num_pairs(self) -> tuple[int, int]:
@@ -210,7 +235,7 @@ class BPUNet(LearnedDenoiser):
         d_max: the MLPs' input clamp (:func:`~hdiff.models.bp_unet_width.fit_nonlinearity`).
         init_scale: spread of the random soft rule tables / transitions (random init only).
 
-    Parameters (all trainable): ``levels.{l}.rule_table`` / ``log_weight`` or ``transition``, the
+    Parameters (all trainable): ``levels.{l}.rule_logits`` / ``log_weight`` or ``transition_logits``, the
     root's ``root_log_prior``, ``embedding`` ``(v, k)`` for Gaussian noise (the input 1x1 conv),
     and the MLPs ``levels.{l}.pair.*`` when ``width`` is set. The constructor initialises them at
     random; :meth:`from_ghm` sets them to a GHM's.
@@ -328,18 +353,25 @@ class BPUNet(LearnedDenoiser):
         gap = (torch.log(a * v + 1 - a) - torch.log1p(-a)).clamp_max(-LOG_ZERO)  # alpha = 1: +inf -> cap
         return -(1 - onehot) * gap
 
-    def _posterior_logits(self, x_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """``D + U`` at the leaves ``(B, v, *leaf_shape)`` for a validated state and ``(B,)`` alpha."""
+    def _posterior_logits(self, x_t: torch.Tensor, alpha: torch.Tensor, features: dict | None = None) -> torch.Tensor:
+        """``D + U`` at the leaves ``(B, v, *leaf_shape)``; ``features`` (a dict) gets :meth:`tree_features`."""
         c = self.config
-        u = leaf_u = self.leaf_evidence(x_t, alpha)  # (B, N, v)
-        b = u.shape[0]
+        leaf_u = self.leaf_evidence(x_t, alpha)  # (B, N, v)
+        b = leaf_u.shape[0]
+        ups = [leaf_u] * (c.depth + 1)  # U per level, root first; level L is the evidence
         skips = [None] * c.depth
         for l in reversed(range(c.depth)):  # encoder: leaves -> root
-            children = u.reshape(b, -1, c.branching * u.shape[-1])  # a node's s children are contiguous
-            u, skips[l] = self.levels[l].up(children)
+            below = ups[l + 1]
+            children = below.reshape(b, -1, c.branching * below.shape[-1])  # a node's s children are contiguous
+            ups[l], skips[l] = self.levels[l].up(children)
         d = self.root_log_prior.expand(b, 1, -1)
+        beliefs = [d + ups[0]]
         for l in range(c.depth):  # decoder: root -> leaves
             d = self.levels[l].down(d, skips[l]).reshape(b, -1, self.level_sizes[l + 1])
+            if features is not None:
+                beliefs.append(d + ups[l + 1])
+        if features is not None:
+            features.update(encoder=ups[:-1], decoder=beliefs)
         out = d + leaf_u  # belief = cavity + own evidence
         return from_tree_order(out, c.layout, c.depth).movedim(-1, 1)
 
@@ -362,6 +394,27 @@ class BPUNet(LearnedDenoiser):
         self.check_input(x_t)
         a = self.process.alpha_tensor(alpha, x_t.shape[0], 1, x_t.device, torch.float32)
         return torch.log_softmax(self._posterior_logits(x_t, a).float(), dim=1)
+
+    @torch.no_grad()
+    def tree_features(self, x_t: torch.Tensor, alpha: Alpha) -> dict[str, list[torch.Tensor]]:
+        """Every level's messages, for linear probes (the layout of ``TreeUNet.tree_features``).
+
+        Args:
+            x_t: a state of :attr:`process` (validated as in :meth:`forward`).
+            alpha: the signal level, a float or ``(B,)`` in [0, 1].
+
+        Returns:
+            ``{"encoder": [...], "decoder": [...]}``, root first, level ``l`` ``(B, s**l, symbols(l))``
+            in tree order: encoder levels ``l = 0 .. L-1`` hold the upward log-messages ``U`` (max 0
+            per node; the root's before the prior); decoder levels ``l = 0 .. L`` the node
+            log-posterior logits ``D + U`` (the root: ``U + log prior``), so their ``log_softmax`` is
+            BP's level marginals for :meth:`from_ghm`.
+        """
+        self.check_input(x_t)
+        a = self.process.alpha_tensor(alpha, x_t.shape[0], 1, x_t.device, torch.float32)
+        features: dict[str, list[torch.Tensor]] = {}
+        self._posterior_logits(x_t, a, features)
+        return features
 
     def num_pairwise_ops(self) -> int:
         """Pairwise log-sum-exps in one forward pass of one sample (the finite-width network's MLP calls)."""

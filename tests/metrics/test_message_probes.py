@@ -30,8 +30,9 @@ class _BPFeatures:
         ev = self.process.leaf_log_likelihood(x_t, alpha).double()
         up = upward_messages(self.ghm, ev)
         marg = posterior(self.ghm, ev, levels=True).level_marginals
-        enc = [self._tree(u.clamp_min(-30), l) @ self.mix[l] for l, u in enumerate(up[:-1])]
-        dec = [self._tree(m.log().clamp_min(-30), l) @ self.mix[l] for l, m in enumerate(marg)]
+        # + 500: the probe floors features at -30 (a "log 0"); these linear mixtures stay above it
+        enc = [self._tree(u.clamp_min(-30), l) @ self.mix[l] + 500 for l, u in enumerate(up[:-1])]
+        dec = [self._tree(m.log().clamp_min(-30), l) @ self.mix[l] + 500 for l, m in enumerate(marg)]
         return {"encoder": enc, "decoder": dec}
 
 

@@ -8,12 +8,15 @@ where the oracle says 0.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from hdiff.denoisers import BPDenoiser
-from hdiff.ghm import GHM, enumerate_strings, from_tree_order
+from hdiff.bp import posterior, upward_messages
+from hdiff.ghm import GHM, enumerate_strings, from_tree_order, to_tree_order
 from hdiff.models.bp_unet import BPUNet, bp_unet_from_config
 from hdiff.models.bp_unet_width import PairwiseLSE, fit_nonlinearity, tree_logsumexp, width_curve
 from hdiff.noise import get_process
@@ -135,6 +138,40 @@ def test_evidence_layer_is_the_leaf_likelihood(tiny_ghms):
             finite = torch.isfinite(ref)
             assert torch.allclose(ours[finite], ref[finite], atol=1e-4)
             assert (ours[~finite] <= -1e4).all()
+
+
+@pytest.mark.parametrize("name", ["rhm-zipf-v4m3s2L2", "mixed-ambiguous", "rhm-zipf-nc3-L3", "img-rhm-v3m2L2",
+                                  "img-fac-L2"])
+@pytest.mark.parametrize("process_name", PROCESSES)
+def test_tree_features_are_bp_messages(name, process_name, tiny_ghms):
+    """Encoder level l = BP's upward message U_l (up to a per-node constant, wherever BP's is finite); decoder
+    level l after log_softmax = the log of BP's level-l marginals (the exactness criterion of the module
+    docstring); both root first, in tree order, shaped (B, s**l, symbols(l)). BP runs in float64."""
+    ghm = {**tiny_ghms, **RANDOM_GHMS}[name]()
+    process = get_process(process_name, ghm.vocab_size)
+    model = BPUNet.from_ghm(ghm, process).eval()
+    for alpha in [0.3, 0.8, "per-sample"]:
+        x_t, a = noisy_batch(ghm, process, alpha, n=24)
+        feats = model.tree_features(x_t, a)
+        assert len(feats["encoder"]) == ghm.depth and len(feats["decoder"]) == ghm.depth + 1
+        evidence = process.leaf_log_likelihood(x_t, a).double()
+        ups = upward_messages(ghm, evidence)
+        marginals = posterior(ghm, evidence, levels=True).level_marginals
+        for kind, refs in [("encoder", [u.log_softmax(-1) for u in ups[:-1]]), ("decoder", [m.log() for m in marginals])]:
+            for l, (ours, ref) in enumerate(zip(feats[kind], refs)):
+                ref = to_tree_order(ref, ghm.layout, l).reshape(24, ghm.branching**l, ghm.symbols(l))
+                assert ours.shape == ref.shape and not ours.requires_grad, (kind, l)
+                ours = ours.log_softmax(-1).double()
+                # log space up, so every finite message is exact; the decoder's probability-space step
+                # (the transposed conv) resolves posteriors down to float32's ~1e-38, as does the oracle
+                sel = torch.isfinite(ref) if kind == "encoder" else ref > math.log(1e-30)
+                assert (ours - ref).abs()[sel].max() < 1e-4, (kind, l)
+                assert (ours.exp() - ref.exp()).abs().max() < 1e-6, (kind, l)
+                assert (ours[ref == -torch.inf] < -1e3).all(), (kind, l)  # impossible: LOG_ZERO-scale here
+    with pytest.raises(ValueError, match="alpha"):
+        model.tree_features(x_t, 1.5)
+    with pytest.raises(ValueError, match="x_t"):
+        model.tree_features(x_t[:, :1], 0.5)
 
 
 # ---------------------------------------------------------------- architecture
