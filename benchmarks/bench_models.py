@@ -7,11 +7,12 @@ denoiser of a case):
 - demo: sequence RHM v=8, m=2, s=2, L=4 (16 leaves), batch 128 (configs/demo_ghm.toml)
 
 Denoisers: ``TreeUNet`` (channels 64, noise embedding 64), ``UNet1DBaseline`` (diffusers
-UNet1DModel, default config), ``BPDenoiser`` (the exact oracle); forward under
+UNet1DModel, default config), ``BPUNet.from_ghm`` (the U-Net that is exactly BP), ``BPDenoiser``
+(the exact oracle); forward under
 ``torch.inference_mode`` in eval mode. Training: ms per step (draw alpha and x_t, forward,
 ``nll_loss``, backward, AdamW step) at batch 128 on the demo GHM, for the tree U-Net (width 64)
-with fused AdamW and with torch's default AdamW (a loop over parameter tensors on CPU), and the
-baseline with fused AdamW.
+with fused AdamW and with torch's default AdamW (a loop over parameter tensors on CPU), the
+baseline and the BP U-Net (random init) with fused AdamW.
 Also the whole ``hdiff.training.train`` loop on configs/train_demo.toml (ms per step, 300 steps).
 
 Timing: one warm-up call each, then the median (and min) of ``--repeats`` rounds, calls
@@ -38,7 +39,7 @@ from _common import bench, machine_info, prepare_run, write_result  # noqa: E402
 from torch.nn import functional as F
 
 from hdiff.denoisers import BPDenoiser
-from hdiff.models import TreeUNet, UNet1DBaseline
+from hdiff.models import BPUNet, TreeUNet, UNet1DBaseline
 from hdiff.ghm import GHM
 from hdiff.noise import MaskingProcess
 
@@ -56,6 +57,7 @@ def make_models(c: dict[str, int]) -> tuple[GHM, dict[str, Any]]:
     models = {
         "tree_unet": TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).eval(),
         "unet1d": UNet1DBaseline(c["v"], "masking", c["s"], c["L"]).eval(),
+        "bp_unet": BPUNet.from_ghm(ghm, "masking").eval(),
         "bp_oracle": BPDenoiser(ghm, MaskingProcess(c["v"])),
     }
     return ghm, models
@@ -100,11 +102,13 @@ def training(repeats: int) -> list[dict[str, Any]]:
     ghm, models = make_models(c)
     tree, unet = models["tree_unet"].train(), models["unet1d"].train()
     torch.manual_seed(0)
+    bp_unet = BPUNet(c["v"], "masking", c["s"], c["L"], num_rules=c["m"]).train()
     tree_default = TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).train()
     runs = {
         "tree_unet/adamw-fused": (tree, torch.optim.AdamW(tree.parameters(), lr=1e-3, fused=True)),
         "tree_unet/adamw-default": (tree_default, torch.optim.AdamW(tree_default.parameters(), lr=1e-3)),
         "unet1d/adamw-fused": (unet, torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)),
+        "bp_unet/adamw-fused": (bp_unet, torch.optim.AdamW(bp_unet.parameters(), lr=1e-3, fused=True)),
     }
     times = bench({k: train_step_fn(m, ghm, opt, seed=2) for k, (m, opt) in runs.items()}, repeats)
     return [{"case": "demo", **c, "batch": TRAIN_BATCH, "run": k, "params": num_params(m), "ms_per_step": times[k]["median"],

@@ -1,19 +1,53 @@
-"""The ``hdiff`` command line: ``compare`` (the main job), ``demo``, ``sample``, ``train`` and the research probes."""
+"""The ``hdiff`` command line: ``compare`` (the main job), ``demo``, ``sample``, ``train`` and the research probes.
+
+Errors are one line on stderr, ``hdiff: error: ...``, naming the file or field at fault: exit
+status 2 for a usage or config error (a bad argument, a missing or malformed file, a value out of
+range, an output directory that belongs to another command), 1 for a failure at run time (a
+directory locked by another process, a training run that diverged). ``--debug`` (or
+``HDIFF_DEBUG=1``) shows the traceback instead. Every command that writes a directory claims and
+locks it first (:mod:`hdiff.runs`), after its arguments and config have been checked.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hdiff never needs a hub; set before diffusers is imported
 
+#: exceptions that mean "the arguments, a config or an input file are wrong": exit status 2
+USAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+                                                 IsADirectoryError, PermissionError)
+
+
+class UsageError(ValueError):
+    """A command-line argument error (unknown option, missing argument, bad choice).
+
+    Attributes:
+        prog: the (sub)command whose arguments are wrong, e.g. ``hdiff train``.
+    """
+
+    def __init__(self, message: str, prog: str = "hdiff") -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are exceptions (one line, exit status 2), not usage dumps."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message, self.prog)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from hdiff.experiments.demo import format_summary, run_quicklook
+    from hdiff.runs import output_dir
 
-    summary = run_quicklook(args.out)
+    with output_dir(args.out, "demo"):
+        summary = run_quicklook(args.out)
     print(format_summary(summary))
     print(f"wrote {os.path.join(args.out, 'summary.json')} and {os.path.join(args.out, 'samples.png')}")
     return 0
@@ -23,35 +57,37 @@ def _load_ghm(spec: str):
     """A GHM from a saved directory or a TOML config (its ``[ghm]`` table, or the whole file)."""
     from pathlib import Path
 
-    from hdiff.config import GHMConfig, from_dict
+    from hdiff.config import GHMConfig, from_dict, read_toml
     from hdiff.ghm import GHM
 
     path = Path(spec)
     if path.is_dir():
         return GHM.load(path)
-    if path.suffix == ".toml" and path.is_file():
-        import tomllib
-
-        data = tomllib.loads(path.read_text())
+    if path.suffix == ".toml":
+        data = read_toml(path)
         return from_dict(GHMConfig, data.get("ghm", data), f"{path.name}:ghm").build()
     raise ValueError(f"--ghm must be a saved GHM directory or a .toml config, got {spec!r}")
 
 
-def _same_ghm(a, b) -> bool:
-    """Whether two GHMs have the same layout, root prior and kernels (exactly)."""
-    import torch
+def _process_name(args: argparse.Namespace) -> str:
+    """The noise process ``hdiff sample`` will use, without loading any model or GHM.
 
-    if a.layout != b.layout or a.root_prior.shape != b.root_prior.shape or len(a.kernels) != len(b.kernels):
-        return False
-    if not torch.equal(a.root_prior.cpu(), b.root_prior.cpu()):
-        return False
-    for ka, kb in zip(a.kernels, b.kernels):
-        sa, sb = ka.state(), kb.state()
-        if type(ka) is not type(kb) or sa.keys() != sb.keys():
-            return False
-        if not all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa):
-            return False
-    return True
+    ``--process`` (``masked`` is the old name of ``masking``), else a trained run's own (read from
+    its ``config.toml``), else masking for the oracle.
+    """
+    if args.process == "masked":  # the name before the process registry; kept as an alias
+        args.process = "masking"
+    if args.denoiser == "oracle":
+        return args.process or "masking"
+    from pathlib import Path
+
+    from hdiff.training.config import load_train_config
+
+    config = Path(args.denoiser) / "config.toml"
+    if not config.is_file():
+        raise ValueError("--denoiser must be 'oracle' or a trained run directory (hdiff train --out), "
+                         f"got {args.denoiser!r}")
+    return args.process or load_train_config(config).noise.process
 
 
 def _sampling_denoiser(args: argparse.Namespace):
@@ -62,8 +98,6 @@ def _sampling_denoiser(args: argparse.Namespace):
     """
     from hdiff.noise import get_process
 
-    if args.process == "masked":  # the name before the process registry; kept as an alias
-        args.process = "masking"
     if args.denoiser == "oracle":
         from hdiff.denoisers import BPDenoiser
 
@@ -80,7 +114,7 @@ def _sampling_denoiser(args: argparse.Namespace):
         raise ValueError("--denoiser must be 'oracle' or a trained run directory (hdiff train --out), "
                          f"got {args.denoiser!r}")
     model, ghm, cfg = load_trained(args.denoiser)
-    if args.ghm is not None and not _same_ghm(_load_ghm(args.ghm), ghm):
+    if args.ghm is not None and _load_ghm(args.ghm).sha256() != ghm.sha256():
         raise ValueError(f"--ghm {args.ghm!r} is not the GHM the model in {args.denoiser!r} was trained on")
     if args.process not in (None, cfg.noise.process):
         raise ValueError(f"--process {args.process}: the model in {args.denoiser!r} was trained with "
@@ -99,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {"data.n_train": args.n_train, "optim.max_steps": args.max_steps}
     cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.out or Path("outputs") / "train" / Path(args.config).stem)
-    result = train(cfg, out, resume=args.resume)
+    result = train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under `accelerate launch`: one report, from the main process
@@ -110,35 +144,44 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     import numpy as np
     import torch
 
+    from hdiff.io import atomic_write, write_json_atomic
+    from hdiff.noise import get_process
+    from hdiff.runs import check_output_dir, output_dir
+    from hdiff.schedulers.factory import check_pair, check_steps, make_scheduler, scheduler_options
+
+    # the pairing first: a scheduler that cannot sample this noise would give 0% valid samples, with exit 0
+    check_pair(get_process(_process_name(args), 2), args.scheduler)
+    for name in ("steps", "num"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_output_dir(args.out, "sample")
+    ghm, process, denoiser, schedule = _sampling_denoiser(args)
+    kwargs = {"schedule": schedule} if args.scheduler != "discrete-ddim" else {}
+    check_steps(args.scheduler, args.steps, prediction_type=args.prediction_type, unmasking=args.unmasking, **kwargs)
+    scheduler = make_scheduler(args.scheduler, prediction_type=args.prediction_type, unmasking=args.unmasking, **kwargs)
     from hdiff.experiments.plots import plot_tokens
     from hdiff.metrics import sample_quality
     from hdiff.sampling import HierarchicalDiffusionPipeline
-    from hdiff.schedulers.factory import check_pair, make_scheduler, scheduler_options
 
-    ghm, process, denoiser, schedule = _sampling_denoiser(args)
-    check_pair(process, args.scheduler)
-    scheduler = make_scheduler(args.scheduler, prediction_type=args.prediction_type, unmasking=args.unmasking,
-                               schedule=schedule if args.scheduler != "discrete-ddim" else None)
     pipe = HierarchicalDiffusionPipeline(denoiser, scheduler, process)
     gen = torch.Generator().manual_seed(args.seed)
-    tokens = pipe(batch_size=args.num, num_inference_steps=args.steps, generator=gen, x0_mode=args.x0_mode,
-                  **scheduler_options(args.scheduler)).tokens
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(tokens, out / "tokens.pt")
-    np.save(out / "tokens.npy", tokens.numpy())
-    metrics = {"ghm": repr(ghm), "denoiser": args.denoiser, "process": args.process, "scheduler": args.scheduler,
-               "steps": args.steps, "x0_mode": args.x0_mode, "seed": args.seed, **sample_quality(ghm, tokens)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_tokens(tokens, ghm.vocab_size, out / "samples.png",
-                title=f"{args.denoiser}, {args.process} noise, {args.scheduler} x {args.steps}")
-    print(f"valid {100 * metrics['validity']:.1f}%  NLL {metrics['nll_bits_per_leaf']} bits/leaf  -> {out}")
+    with output_dir(args.out, "sample") as out:
+        tokens = pipe(batch_size=args.num, num_inference_steps=args.steps, generator=gen, x0_mode=args.x0_mode,
+                      **scheduler_options(args.scheduler)).tokens
+        atomic_write(out / "tokens.pt", lambda tmp: torch.save(tokens, tmp))
+        atomic_write(out / "tokens.npy", lambda tmp: np.save(tmp, tokens.numpy()))
+        metrics = {"ghm": repr(ghm), "ghm_sha256": ghm.sha256(), "denoiser": args.denoiser, "process": args.process,
+                   "scheduler": args.scheduler, "steps": args.steps, "x0_mode": args.x0_mode, "seed": args.seed,
+                   **sample_quality(ghm, tokens)}
+        write_json_atomic(out / "metrics.json", metrics)
+        plot_tokens(tokens, ghm.vocab_size, out / "samples.png",
+                    title=f"{args.denoiser}, {args.process} noise, {args.scheduler} x {args.steps}")
+    print(f"valid {100 * metrics['validity']:.1f}%  NLL {metrics['nll_bits_per_leaf']} bits/leaf  -> {Path(args.out)}")
     return 0
 
 
@@ -151,7 +194,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     cfg = load_compare_config(args.config)
     start = time.monotonic()
-    metrics = run_compare(cfg, args.out, progress=None if not args.quiet else False)
+    metrics = run_compare(cfg, args.out, progress=None if not args.quiet else False, overwrite=args.overwrite)
     head, body = headline(metrics)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
     for line in [head, *body]:
@@ -165,7 +208,11 @@ def _compare(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from hdiff.experiments.classify import format_classify, load_classify_config, run_classify
 
-    metrics = run_classify(load_classify_config(args.config), args.out)
+    from hdiff.runs import output_dir
+
+    cfg = load_classify_config(args.config)
+    with output_dir(args.out, "classify"):
+        metrics = run_classify(cfg, args.out)
     print(format_classify(metrics))
     print(f"{metrics['wall_seconds']:.0f} s -> {os.path.join(args.out, 'metrics.json')}, accuracy.png")
     return 0
@@ -174,21 +221,41 @@ def _classify(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from hdiff.experiments.probe import format_probe, load_probe_config, run_probe
 
-    metrics = run_probe(load_probe_config(args.config), args.out)
+    from hdiff.runs import output_dir
+
+    cfg = load_probe_config(args.config)
+    with output_dir(args.out, "probe"):
+        metrics = run_probe(cfg, args.out)
     print(format_probe(metrics))
     print(f"{metrics['wall_seconds']:.0f} s -> {os.path.join(args.out, 'metrics.json')}, probe.png")
     return 0
 
 
+def _width(args: argparse.Namespace) -> int:
+    from hdiff.experiments.width import format_width, load_width_config, run_width
+    from hdiff.runs import output_dir
+
+    cfg = load_width_config(args.config)
+    with output_dir(args.out, "width"):
+        metrics = run_width(cfg, args.out)
+    print(format_width(metrics))
+    print(f"-> {os.path.join(args.out, 'metrics.json')}, width.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``hdiff`` command."""
-    parser = argparse.ArgumentParser(prog="hdiff", description="Diffusion on generative hierarchical models with an exact BP oracle.")
+    """The argument parser of the ``hdiff`` command (its errors raise :class:`UsageError`)."""
+    parser = _Parser(prog="hdiff", description="Diffusion on generative hierarchical models with an exact BP oracle.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also: HDIFF_DEBUG=1)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sample the default GHM and denoise noisy copies with exact BP")
-    demo.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
+    demo = sub.add_parser("demo", parents=[common], help="sample the default GHM and denoise noisy copies with exact BP")
+    # not outputs/demo: that is `make demo`'s sweep (owned by compare), which `hdiff demo` must not write into
+    demo.add_argument("--out", default="outputs/quicklook", help="output directory (default: outputs/quicklook)")
     demo.set_defaults(func=_demo)
 
-    smp = sub.add_parser("sample", help="reverse diffusion with a denoiser through a scheduler")
+    smp = sub.add_parser("sample", parents=[common], help="reverse diffusion with a denoiser through a scheduler")
     smp.add_argument("--ghm", help="saved GHM directory or a TOML config with a [ghm] table "
                      "(required with the oracle; a trained run brings its own)")
     smp.add_argument("--denoiser", default="oracle",
@@ -203,42 +270,98 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default="epsilon")
     smp.add_argument("--x0-mode", choices=["marginal", "joint"], default="marginal")
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--out", required=True)
+    smp.add_argument("--out", required=True, help="output directory (new, or an earlier hdiff sample's)")
     smp.set_defaults(func=_sample)
 
-    cmp = sub.add_parser("compare", help="the main job: the BP oracle vs learned denoisers as the training set grows")
+    cmp = sub.add_parser("compare", parents=[common],
+                         help="the main job: the BP oracle vs learned denoisers as the training set grows")
     cmp.add_argument("--config", required=True, help="TOML compare config, e.g. configs/demo.toml")
     cmp.add_argument("--out", required=True, help="output directory; a rerun skips its finished cells")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp.add_argument("--overwrite", action="store_true",
+                     help="delete and retrain a cell's run directory that holds another config's run")
     cmp.set_defaults(func=_compare)
 
-    trn = sub.add_parser("train", help="train a learned denoiser on n samples of a GHM (accelerate; checkpoints)")
+    trn = sub.add_parser("train", parents=[common],
+                         help="train a learned denoiser on n samples of a GHM (accelerate; checkpoints)")
     trn.add_argument("--config", required=True, help="TOML training config, e.g. configs/train_demo.toml")
     trn.add_argument("--n-train", type=int, default=None, help="override data.n_train")
     trn.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
     trn.add_argument("--out", default=None, help="run directory (default: outputs/train/<config name>)")
-    trn.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    trn.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
+    trn.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     trn.set_defaults(func=_train)
 
-    cls = sub.add_parser("classify", help="root classification vs n: tree ConvNet and MLP beside the Bayes (BP) accuracy")
+    cls = sub.add_parser("classify", parents=[common],
+                         help="root classification vs n: tree ConvNet and MLP beside the Bayes (BP) accuracy")
     cls.add_argument("--config", required=True, help="TOML classify config, e.g. configs/classify.toml")
     cls.add_argument("--out", required=True, help="output directory (a rerun recomputes)")
     cls.set_defaults(func=_classify)
 
-    prb = sub.add_parser("probe", help="forward-backward probe with the exact oracle: class / latent retention vs noise")
+    prb = sub.add_parser("probe", parents=[common],
+                         help="forward-backward probe with the exact oracle: class / latent retention vs noise")
     prb.add_argument("--config", required=True, help="TOML probe config, e.g. configs/probe.toml")
     prb.add_argument("--out", required=True, help="output directory (a rerun recomputes)")
     prb.set_defaults(func=_probe)
+
+    wid = sub.add_parser("width", parents=[common],
+                         help="how wide must a U-Net be to be within epsilon of BP: KL(oracle || BPUNet_W) vs W")
+    wid.add_argument("--config", required=True, help="TOML width config, e.g. configs/width.toml")
+    wid.add_argument("--out", required=True, help="output directory (a rerun recomputes)")
+    wid.set_defaults(func=_width)
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The exception as one line: its message with line breaks folded (and its type when it is not hdiff's)."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
+    from hdiff.runs import DirectoryLocked
+
+    known = (*USAGE_ERRORS, DirectoryLocked) + _runtime_errors()
+    return text if isinstance(e, known) else f"{type(e).__name__}: {text} (run with --debug for the traceback)"
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    """hdiff's own run-time failures, if the modules defining them are loaded (never imported just for this)."""
+    rundir = sys.modules.get("hdiff.training.rundir")
+    return (rundir.TrainingDiverged,) if rundir is not None else ()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"hdiff: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hdiff`` console script."""
+    """Entry point of the ``hdiff`` console script; returns the exit status (see the module docstring)."""
     from hdiff.runtime import keep_freed_memory
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("HDIFF_DEBUG", "").strip() not in ("", "0") or "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{e.prog}: error: {_one_line(e)} (see {e.prog} --help)", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if isinstance(e.code, (int, type(None))) else 2
     keep_freed_memory()  # BP's temporaries are reused instead of page-faulted in on every call
-    return args.func(args)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line each, like the errors
+            return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("hdiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit status
+        if debug:
+            raise
+        print(f"hdiff: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, USAGE_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 Configs are dataclasses; :func:`from_dict` builds one from a (nested) dict, and :func:`load_toml`
 from a file. Every output directory gets the resolved config back as TOML (:func:`to_toml`).
+A float field never holds NaN or an infinity (TOML allows both; no hdiff setting means them), and
+a file that is missing or not TOML is one ``ValueError`` / ``FileNotFoundError`` naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -49,6 +52,8 @@ def _check_value(value: Any, annotation: Any, name: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -72,10 +77,28 @@ def from_dict(cls: type[T], data: dict[str, Any], name: str = "config") -> T:
     return cls(**kwargs)
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML file ``path``.
+
+    Raises:
+        FileNotFoundError: no such file (naming it).
+        ValueError: ``path`` is a directory or not valid TOML (naming it and the position).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} is not a file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_toml(cls: type[T], path: str | Path) -> T:
-    """Read a TOML file into dataclass ``cls`` (strict keys and types)."""
-    with open(path, "rb") as f:
-        return from_dict(cls, tomllib.load(f), Path(path).name)
+    """Read a TOML file into dataclass ``cls`` (strict keys and types; see :func:`read_toml`)."""
+    return from_dict(cls, read_toml(path), Path(path).name)
 
 
 def to_toml(obj: Any) -> str:
@@ -127,6 +150,43 @@ class GHMConfig:
     concentration: float = 1.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad ``ghm.*`` field, before anything is built.
+
+        Besides the ranges, this refuses a GHM too large to build or use (``ghm.depth``), saying
+        how much memory it would take (:func:`hdiff.ghm.model.size_error`).
+        """
+        for name, low in (("vocab_size", 2), ("num_rules", 1), ("branching", 2), ("depth", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                why = " (one symbol leaves nothing to model)" if name == "vocab_size" else ""
+                raise ValueError(f"ghm.{name} must be >= {low}, got {value}{why}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"ghm.num_classes must be >= 1 (or unset: vocab_size), got {self.num_classes}")
+        if self.layout == "image" and self.branching != 4:
+            raise ValueError(f"ghm.branching must be 4 with ghm.layout = 'image' (2x2 blocks), got {self.branching}")
+        if not self.concentration > 0:
+            raise ValueError(f"ghm.concentration must be > 0, got {self.concentration}")
+        v, m, s, nc = self.vocab_size, self.num_rules, self.branching, self.num_classes or self.vocab_size
+        if self.family == "hierarchy":
+            if m > v ** (s - 1):
+                raise ValueError(f"ghm.num_rules ({m}) must be <= vocab_size**(branching-1) = {v ** (s - 1)} "
+                                 "for an unambiguous grammar")
+            if nc * m > v**s:
+                raise ValueError(f"ghm.num_classes * num_rules ({nc * m}) must be <= vocab_size**branching "
+                                 f"({v**s}) for an unambiguous grammar")
+            params = 8 * (s + 1) * m * (nc + (self.depth - 1) * v)
+        else:
+            params = 8 * s * v * (nc + (self.depth - 1) * v)
+        from hdiff.ghm.model import size_error
+
+        error = size_error(s, self.depth, v, params)
+        if error is not None:
+            raise ValueError(f"ghm.depth / ghm.vocab_size: {error}")
+
     def build(self):
         """The :class:`~hdiff.ghm.GHM` this config describes."""
         from hdiff.ghm import GHM
@@ -139,4 +199,4 @@ class GHMConfig:
                                      layout=self.layout, concentration=self.concentration, seed=self.seed)
 
 
-__all__ = ["GHMConfig", "from_dict", "load_toml", "to_toml", "field"]
+__all__ = ["GHMConfig", "from_dict", "load_toml", "read_toml", "to_toml", "field"]

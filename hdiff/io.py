@@ -5,12 +5,14 @@ temporary file in the destination's directory (``mkstemp``, so two processes nev
 flushed to disk, and renamed onto the destination (``os.replace`` is atomic on POSIX). A crash or a
 kill leaves either the old file or the new one, plus at worst a stray ``.name.*`` temporary.
 Directories (a ``save_pretrained`` model) are swapped in the same way by :func:`atomic_directory`.
-See docs/guarantees.md.
+The readers here (:func:`read_json`, :func:`load_tensor`) are the other half: they unpickle nothing
+and turn a truncated or edited file into one ``ValueError`` naming it. See docs/guarantees.md.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -88,3 +90,53 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not valid JSON (truncated, edited), naming it.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated JSON ({e})") from None
+
+
+def load_tensor(path: str | os.PathLike) -> Any:
+    """A tensor saved with ``torch.save``, loaded with ``weights_only=True`` (no code runs on load).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is truncated, corrupt, a pickle of anything but tensors, or not a
+            tensor, naming it.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file; all mean "not a tensor file"
+        raise ValueError(f"{path}: not a readable tensor file ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{path}: holds a {type(value).__name__}, expected a tensor")
+    return value
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -50,6 +50,9 @@ def _check_evidence(ghm: GHM, leaf_log_lik: torch.Tensor) -> torch.Tensor:
     expected = (*ghm.leaf_shape, ghm.vocab_size)
     if leaf_log_lik.ndim != len(expected) + 1 or tuple(leaf_log_lik.shape[1:]) != expected:
         raise ValueError(f"leaf_log_lik must have shape (B, *{expected}), got {tuple(leaf_log_lik.shape)}")
+    if leaf_log_lik.device.type == "meta":
+        raise ValueError("leaf_log_lik is on the meta device (a shape without data); BP needs its values: "
+                         "pass a CPU or CUDA tensor")
     if leaf_log_lik.dtype not in (torch.float32, torch.float64):
         leaf_log_lik = leaf_log_lik.float()  # half precision cannot hold the message scales
     return leaf_log_lik

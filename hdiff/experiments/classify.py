@@ -89,6 +89,13 @@ class ClassifyModelConfig:
     mlp_hidden_layers: int = 2
     mlp_width: int = 0
 
+    def __post_init__(self) -> None:
+        for name, low in (("channels", 1), ("mlp_hidden_layers", 1), ("mlp_width", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"model.{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class ClassifyOptimConfig:
@@ -104,6 +111,16 @@ class ClassifyOptimConfig:
     max_steps: int = 3000
     eval_every: int = 50
     stop_loss: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0 (0 never moves the weights), got {self.lr}")
+        for name in ("batch_size", "max_steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.stop_loss < 0:
+            raise ValueError(f"optim.weight_decay and optim.stop_loss must be >= 0, got {self.weight_decay}, "
+                             f"{self.stop_loss}")
 
 
 @dataclass
@@ -127,6 +144,9 @@ class ClassifyConfig:
             raise ValueError(f"n_test must be >= 1, got {self.n_test}")
         if not self.models:
             raise ValueError("models must name at least one of 'convnet', 'mlp'")
+        for name in ("data_seed", "seed", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def load_classify_config(path: str | os.PathLike) -> ClassifyConfig:

@@ -32,22 +32,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 from hdiff.experiments.plots import save_figure  # noqa: E402
 
 ORACLE = "oracle"
+REFERENCE = "bp_unet_ghm"
 DATA_KINDS = ("fixed", "fresh", "fresh_rb")
 
 
 def _learned_rows(rows: list[dict], data: str = "fixed") -> list[dict]:
-    return [r for r in rows if r["denoiser"] != ORACLE and r.get("data", "fixed") == data and "kl_mean" in r]
+    return [r for r in rows if r["denoiser"] not in (ORACLE, REFERENCE) and r.get("data", "fixed") == data
+            and "kl_mean" in r]
 
 
 def decompose(rows: list[dict]) -> list[dict[str, Any]]:
     """The gap decomposition (module docstring) of every learned fixed-data cell that has a fresh twin.
+
+    Args:
+        rows: the sweep's rows and its diagnostic rows (``metrics["rows"] + metrics["diagnostic_rows"]``).
 
     Returns:
         One dict per (denoiser, n): ``kl_n``, ``kl_inf``, ``kl_rb`` (None without an RB twin),
         ``estimation``, ``target_noise`` (None without RB), ``approx_optim`` (``kl_rb``, else
         ``kl_inf``), ``steps`` and ``dominant``: which term is largest.
     """
-    twins = {(r["denoiser"], r["n"], r.get("data", "fixed")): r for r in rows if r["denoiser"] != ORACLE}
+    twins = {(r["denoiser"], r["n"], r.get("data", "fixed")): r for r in rows if r["denoiser"] not in (ORACLE, REFERENCE)}
     out = []
     for r in _learned_rows(rows):
         fresh = twins.get((r["denoiser"], r["n"], "fresh"))
@@ -67,7 +72,7 @@ def decompose(rows: list[dict]) -> list[dict[str, Any]]:
 
 def plot_decomposition(metrics: dict, path: Path) -> bool:
     """Stacked bars of the decomposition per n (one panel per learned model); False if there is none."""
-    parts = decompose(metrics["rows"])
+    parts = decompose(metrics["rows"] + metrics.get("diagnostic_rows", []))
     if not parts:
         return False
     models = list(dict.fromkeys(p["denoiser"] for p in parts))
@@ -145,7 +150,7 @@ def plot_probes(metrics: dict, path: Path) -> bool:
 def diagnostics_markdown(metrics: dict) -> list[str]:
     """Markdown lines: the decomposition table with the dominant term per n, and the probe summary."""
     lines: list[str] = []
-    parts = decompose(metrics["rows"])
+    parts = decompose(metrics["rows"] + metrics.get("diagnostic_rows", []))
     if parts:
         lines += ["## Where the gap comes from", "",
                   "KL(oracle || model) in nats per noised leaf; `inf` = fresh samples every step, same steps; "

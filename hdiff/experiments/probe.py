@@ -85,6 +85,11 @@ class ProbeConfig:
             raise ValueError("processes must name at least one of 'masking', 'gaussian', 'uniform'")
         if any(d < 1 for d in self.depths):
             raise ValueError(f"depths must be >= 1, got {self.depths}")
+        for depth in self.depths:  # each depth builds its own GHM: refuse one too large before the sweep starts
+            dataclasses.replace(self.ghm, depth=depth)
+        for name in ("seed", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in self.processes:
             grid = getattr(self.alphas, name)
             if not grid or any(not 0 <= a <= 1 for a in grid):

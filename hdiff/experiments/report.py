@@ -20,8 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from hdiff.experiments.diagnostics import diagnostics_markdown, plot_decomposition, plot_probes, plot_time_axis  # noqa: E402
 from hdiff.experiments.plots import save_figure, symbol_colormap  # noqa: E402
-from hdiff.io import write_text_atomic  # noqa: E402
+from hdiff.io import load_tensor, write_text_atomic  # noqa: E402
 
 ORACLE = "oracle"
 PLOTS = {
@@ -29,6 +30,9 @@ PLOTS = {
     "nelbo.png": "Likelihood bound (held-out) vs training-set size",
     "memorisation.png": "Memorisation and novelty vs training-set size",
     "kl.png": "KL(oracle || learned) of the leaf posteriors vs signal level",
+    "decomposition.png": "Gap decomposition: estimation (finite n) vs what unlimited data does not fix at this budget",
+    "time_axis.png": "Validity, coherence and KL along training (EMA snapshots)",
+    "probes.png": "Linear probes: does each level of the network hold BP's messages?",
 }
 
 
@@ -146,7 +150,7 @@ def _sample_pictures(out: Path, metrics: dict) -> list[str]:
             for n in ns:
                 f = out / "samples" / f"{denoiser}_n{n}.{s['name']}.pt"
                 if f.is_file():
-                    panels.append((f"{denoiser}" if denoiser == ORACLE else f"{denoiser}, n={n}", torch.load(f)))
+                    panels.append((f"{denoiser}" if denoiser == ORACLE else f"{denoiser}, n={n}", load_tensor(f)))
                 if denoiser == ORACLE and panels:
                     break  # the oracle does not depend on n
             if panels:
@@ -188,6 +192,30 @@ def _reference_lines(metrics: dict) -> list[str]:
             f"Sweep time {metrics['time_s']:.0f} s ({metrics['cells_skipped']} finished cells reused)."]
 
 
+def _markdown_tables_html(lines: list[str]) -> str:
+    """The diagnostics' markdown (``## heading``, prose, ``|`` tables) as HTML."""
+    parts, rows = [], []
+
+    def flush() -> None:
+        if rows:
+            cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if not set(r) <= set("|-")]
+            parts.append("<table>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                                             for r in cells) + "</table>")
+            rows.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            rows.append(line)
+            continue
+        flush()
+        if line.startswith("## "):
+            parts.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line:
+            parts.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "".join(parts)
+
+
 def write_report(out: str | os.PathLike, metrics: dict) -> None:
     """Draw every plot and write ``report.md`` and ``report.html`` into ``out``."""
     out = Path(out)
@@ -196,11 +224,16 @@ def write_report(out: str | os.PathLike, metrics: dict) -> None:
     plot_memorisation(metrics, out / "memorisation.png")
     if _learned(metrics["rows"]):
         plot_kl(metrics, out / "kl.png")
-    pictures = [p for p in PLOTS if (out / p).is_file()] + _sample_pictures(out, metrics)
+    drawn = {"decomposition.png": plot_decomposition(metrics, out / "decomposition.png"),
+             "time_axis.png": plot_time_axis(metrics, out / "time_axis.png"),
+             "probes.png": plot_probes(metrics, out / "probes.png")}
+    pictures = [p for p in PLOTS if drawn.get(p, True) and (out / p).is_file()] + _sample_pictures(out, metrics)
+    diagnostics = diagnostics_markdown(metrics)
     head, body = headline(metrics)
     refs = _reference_lines(metrics)
     md = ["# hdiff compare: BP oracle vs learned denoisers", "", *[f"- {line}" for line in refs], "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in body], ""]
+    md += diagnostics
     md += [f"![{PLOTS.get(p, p)}]({p})" + "\n" for p in pictures]
     write_text_atomic(out / "report.md", "\n".join(md))
 
@@ -215,5 +248,5 @@ def write_report(out: str | os.PathLike, metrics: dict) -> None:
             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}</style></head><body>"
             "<h1>hdiff compare: BP oracle vs learned denoisers</h1><ul>"
             + "".join(f"<li>{html.escape(line)}</li>" for line in refs) + "</ul>" + table
-            + "".join(img(p) for p in pictures) + "</body></html>")
+            + _markdown_tables_html(diagnostics) + "".join(img(p) for p in pictures) + "</body></html>")
     write_text_atomic(out / "report.html", page)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,35 @@ from hdiff.tokens import check_tokens
 from hdiff.ghm._random import categorical
 from hdiff.ghm.kernels import FactorizedKernel, Kernel, ProductionKernel
 from hdiff.ghm.layout import LAYOUTS, from_tree_order, level_shape
+
+#: the most leaves a GHM may have: one sample is then 128 MiB of tokens and BP on it a few GiB
+MAX_LEAVES = 2**24
+#: the most bytes a GHM's parameters (root prior and kernels, float64) may take
+MAX_PARAMETER_BYTES = 2 * 2**30
+_GIB = 2**30
+
+
+def size_error(branching: int, depth: int, vocab_size: int, parameter_bytes: int) -> str | None:
+    """Why a GHM of this size is refused (one line, with the memory it would need), or None if it fits.
+
+    Checked before anything is allocated (by :class:`GHM`, the random families and the ``[ghm]``
+    config), because a too-deep tree does not fail cleanly later: sampling ``n`` strings of
+    ``s**L`` leaves or running BP on them would exhaust the memory of the machine.
+    """
+    leaves = branching**depth
+    if leaves > MAX_LEAVES:
+        tokens = leaves * 8 / _GIB
+        bp = leaves * vocab_size * 4 * 3 / _GIB  # float32 evidence plus the messages of two levels
+        return (f"branching**depth = {branching}**{depth} = {leaves} leaves is more than hdiff supports "
+                f"({MAX_LEAVES} = 2**24): one sample would need {tokens:.3g} GiB of tokens and exact BP on it "
+                f"about {bp:.3g} GiB")
+    if parameter_bytes > MAX_PARAMETER_BYTES:
+        return (f"the GHM's parameters would need {parameter_bytes / _GIB:.3g} GiB (float64), more than the "
+                f"{MAX_PARAMETER_BYTES / _GIB:.3g} GiB hdiff allows")
+    return None
+
+
+_FORMAT = "hdiff.ghm/1"
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,9 @@ class GHM:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if layout == "image" and kernels[0].branching != 4:
             raise ValueError(f"layout 'image' needs branching 4 (2x2 blocks), got branching {kernels[0].branching}")
+        too_big = size_error(kernels[0].branching, len(kernels), kernels[-1].num_children, 0)
+        if too_big is not None:
+            raise ValueError(f"kernels: {too_big}")
         devices = {k.device for k in kernels}
         if len(devices) > 1:
             raise ValueError(f"kernels must share one device, got {sorted(map(str, devices))}")
@@ -170,8 +203,10 @@ class GHM:
             tokens ``(n, *leaf_shape)`` long; with ``return_tree`` also a list of ``depth + 1``
             tensors, root first, level ``l`` of shape ``(n, *level_shape(l))``.
         """
-        if not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         nodes = categorical(self.root_prior.expand(n, 1, -1), generator=generator)  # (n, 1)
         levels = [nodes]
         for kernel in self.kernels:
@@ -237,40 +272,85 @@ class GHM:
         """A copy of this GHM on ``device``."""
         return GHM(self.root_prior.to(device), [k.to(device) for k in self.kernels], self.layout)
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write ``ghm.json`` (structure) and ``ghm.safetensors`` (parameters) atomically into ``directory``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {"root_prior": self.root_prior.cpu()}
-        meta = {"format": "hdiff.ghm/1", "layout": self.layout, "kernels": []}
+    def _canonical(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The structure (JSON-able) and the tensors (CPU, contiguous) that define this GHM."""
+        tensors = {"root_prior": self.root_prior.cpu().contiguous()}
+        meta = {"format": _FORMAT, "layout": self.layout, "kernels": []}
         for i, k in enumerate(self.kernels):
             entry = {"type": "production" if isinstance(k, ProductionKernel) else "factorized"}
             if isinstance(k, ProductionKernel):
                 entry["num_children"] = k.num_children
             meta["kernels"].append(entry)
             tensors.update({f"kernels.{i}.{name}": t.cpu().contiguous() for name, t in k.state().items()})
+        return meta, tensors
+
+    def sha256(self) -> str:
+        """A content hash: SHA-256 over the structure (layout, kernel types) and every tensor's name,
+        dtype, shape and bytes.
+
+        Two GHMs have the same hash exactly when they define the same model the same way; a run
+        records it (``ghm.json``, ``train_meta.json``) so that a swapped, truncated or edited GHM is
+        found on load instead of scoring samples against the wrong model.
+        """
+        meta, tensors = self._canonical()
+        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``ghm.safetensors`` (parameters) and ``ghm.json`` (structure and :meth:`sha256`) atomically."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta, tensors = self._canonical()
+        meta["sha256"] = self.sha256()
         atomic_write(d / "ghm.safetensors", lambda p: save_file(tensors, p))
         atomic_write(d / "ghm.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> "GHM":
-        """Read a GHM written by :meth:`save`."""
+        """Read a GHM written by :meth:`save`, checking it against the hash in ``ghm.json``.
+
+        GHMs saved before hashes were recorded load unchecked.
+
+        Raises:
+            ValueError: no saved GHM in ``directory``, or a truncated, corrupt or edited
+                ``ghm.json`` / ``ghm.safetensors`` (naming the file).
+        """
         d = Path(directory)
-        if not (d / "ghm.json").is_file() or not (d / "ghm.safetensors").is_file():
+        meta_path, tensor_path = d / "ghm.json", d / "ghm.safetensors"
+        if not meta_path.is_file() or not tensor_path.is_file():
             raise ValueError(f"directory {str(d)!r} holds no saved GHM (ghm.json + ghm.safetensors)")
-        meta = json.loads((d / "ghm.json").read_text())
-        if meta.get("format") != "hdiff.ghm/1":
-            raise ValueError(f"ghm.json: unknown format {meta.get('format')!r}")
-        t = load_file(str(d / "ghm.safetensors"), device=str(device))
-        kernels: list[Kernel] = []
-        for i, entry in enumerate(meta["kernels"]):
-            if entry.get("type") == "production":
-                kernels.append(ProductionKernel(t[f"kernels.{i}.rules"], t[f"kernels.{i}.weights"], entry["num_children"]))
-            elif entry.get("type") == "factorized":
-                kernels.append(FactorizedKernel(t[f"kernels.{i}.transitions"]))
-            else:
-                raise ValueError(f"ghm.json: kernels[{i}].type must be 'factorized' or 'production'")
-        return cls(t["root_prior"], kernels, meta["layout"])
+        from hdiff.io import read_json
+
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise ValueError(f"{meta_path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        try:
+            t = load_file(str(tensor_path), device=str(device))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+            raise ValueError(f"{tensor_path}: corrupt or truncated safetensors file ({e})") from None
+        try:
+            kernels: list[Kernel] = []
+            for i, entry in enumerate(meta["kernels"]):
+                if entry.get("type") == "production":
+                    kernels.append(ProductionKernel(t[f"kernels.{i}.rules"], t[f"kernels.{i}.weights"],
+                                                    entry["num_children"]))
+                elif entry.get("type") == "factorized":
+                    kernels.append(FactorizedKernel(t[f"kernels.{i}.transitions"]))
+                else:
+                    raise ValueError(f"kernels[{i}].type must be 'factorized' or 'production'")
+            ghm = cls(t["root_prior"], kernels, meta["layout"])
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{meta_path}: does not describe the GHM in {tensor_path.name} "
+                             f"({type(e).__name__}: {e})") from None
+        expected = meta.get("sha256")
+        if expected is not None and ghm.sha256() != expected:
+            raise ValueError(f"{d}: ghm.json / ghm.safetensors were changed since they were saved "
+                             f"(content hash {ghm.sha256()[:12]}..., recorded {str(expected)[:12]}...)")
+        return ghm
 
 
 def _xlogx_safe_log(p: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from hdiff.ghm.kernels import FactorizedKernel, ProductionKernel
-from hdiff.ghm.model import GHM
+from hdiff.ghm.model import GHM, size_error
 
 RULE_PROBS = ("uniform", "zipf")
 
@@ -15,6 +15,13 @@ def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_fits(branching: int, depth: int, vocab_size: int, parameter_bytes: int) -> None:
+    """Refuse a GHM too large to build or to use, before allocating any of it (:func:`size_error`)."""
+    error = size_error(branching, depth, vocab_size, parameter_bytes)
+    if error is not None:
+        raise ValueError(error)
 
 
 def _distinct_tuples(rng: np.random.Generator, count: int, vocab_size: int, branching: int) -> np.ndarray:
@@ -66,6 +73,9 @@ def random_hierarchy(vocab_size: int, num_rules: int, branching: int, depth: int
                          f"({vocab_size**branching}) for an unambiguous grammar")
     if rule_probs not in RULE_PROBS:
         raise ValueError(f"rule_probs must be one of {RULE_PROBS}, got {rule_probs!r}")
+    # rules (int64, s per rule) and weights (float64) of every level, checked before any is drawn
+    _check_fits(branching, depth, vocab_size,
+                8 * (branching + 1) * num_rules * (num_classes + (depth - 1) * vocab_size))
     rng = np.random.default_rng(seed)
     if rule_probs == "uniform":
         w = np.full(num_rules, 1.0 / num_rules)
@@ -96,6 +106,7 @@ def random_factorized(vocab_size: int, branching: int, depth: int, *, num_classe
         raise ValueError(f"branching must be >= 2, got {branching}")
     if not (isinstance(concentration, (int, float)) and concentration > 0 and np.isfinite(concentration)):
         raise ValueError(f"concentration must be a positive finite number, got {concentration!r}")
+    _check_fits(branching, depth, vocab_size, 8 * branching * vocab_size * (num_classes + (depth - 1) * vocab_size))
     rng = np.random.default_rng(seed)
     kernels = []
     for level in range(depth):

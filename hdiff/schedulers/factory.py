@@ -64,7 +64,10 @@ def make_scheduler(name: str, *, num_train_timesteps: int = 1000, prediction_typ
             return diffusers.DDIMScheduler(clip_sample=False, **common)
         if name == "euler":
             return diffusers.EulerDiscreteScheduler(**common)
-        return diffusers.DPMSolverMultistepScheduler(**common)
+        # "trailing" spacing, as hdiff's discrete schedulers: diffusers' default "linspace" rounds
+        # linspace(0, T - 1, n + 1) to integers, which repeats a timestep once n >= T; the multistep
+        # update then divides by a zero step (h = 0) and every sample turns NaN (n = 1000 did)
+        return diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing", **common)
     discrete = get_schedule(schedule if schedule is not None else "linear").name
     if name == "masked":
         return schedulers.MaskedDiffusionScheduler(num_train_timesteps=num_train_timesteps, schedule=discrete, unmasking=unmasking)
@@ -73,6 +76,24 @@ def make_scheduler(name: str, *, num_train_timesteps: int = 1000, prediction_typ
     if name == "discrete-ddim":
         return diffusers.DiscreteDDIMScheduler()
     raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {name!r}")
+
+
+def check_steps(name: str, steps: int, **kwargs: Any) -> None:
+    """Raise ``ValueError`` unless scheduler ``name`` can run ``steps`` inference steps.
+
+    Builds the scheduler (``kwargs`` go to :func:`make_scheduler`) and sets its timesteps, so what
+    it would refuse mid-sampling is refused up front, before any training; a grid that repeats a
+    timestep (a zero step) is refused too.
+    """
+    scheduler = make_scheduler(name, **kwargs)
+    try:
+        scheduler.set_timesteps(steps)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name} cannot take {steps} steps: {e}") from None
+    timesteps = torch.as_tensor(scheduler.timesteps)
+    if len(torch.unique(timesteps)) != len(timesteps):
+        raise ValueError(f"{name} cannot take {steps} steps: its timestep grid repeats a timestep "
+                         f"(num_train_timesteps = {scheduler.config.num_train_timesteps})")
 
 
 def scheduler_options(name: str) -> dict[str, Any]:

@@ -20,15 +20,15 @@ from hdiff.config import GHMConfig, from_dict, load_toml, to_toml
 
 @dataclass
 class ModelConfig:
-    """The network. ``kind`` picks a class from :mod:`hdiff.training.models` (``tree_unet``:
-    :class:`~hdiff.models.TreeUNet`; ``unet_baseline``: ``UNet1DBaseline`` / ``UNet2DBaseline`` by
+    """The network. ``kind`` picks a class from :mod:`hdiff.models.registry` (``tree_unet``:
+    :class:`~hdiff.models.TreeUNet`; ``bp_unet``: :class:`~hdiff.models.BPUNet`; ``unet_baseline``: ``UNet1DBaseline`` / ``UNet2DBaseline`` by
     layout). The GHM's ``vocab_size``, ``branching``, ``depth``, ``layout`` and the noise ``process``
     are filled in from the other tables (where the class takes them); ``channels`` (one width, or one
     per level; unset: the class default) and every entry of ``options`` go to the constructor as
     they are, e.g. ``options.block_out_channels`` for the baselines."""
 
     kind: str = "tree_unet"
-    channels: int | list[int] | None = 64
+    channels: int | list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -43,30 +43,40 @@ class NoiseConfig:
     cosine-squared for Gaussian). Training, the schedulers and the bounds all use this one schedule.
     ``elbo_weight`` (masking only) weights the cross-entropy of masked leaves by
     ``-alpha'(t) / (1 - alpha(t))`` (``1/t`` for linear): the MDLM bound (Sahoo et al. 2024).
+    ``target = "oracle"`` trains against the BP oracle's exact posteriors instead of the clean
+    tokens (the Rao-Blackwellised loss, no label noise; a diagnostic, docs/experiments.md).
     """
 
     process: Literal["gaussian", "masking", "uniform"] = "masking"
     schedule: Literal["auto", "linear", "cosine", "cosine_squared", "cosine_squared_shifted"] = "auto"
     elbo_weight: bool = False
     t_min: float = 1e-3
+    target: Literal["x0", "oracle"] = "x0"
 
 
 @dataclass
 class DataConfig:
     """``n_train`` GHM samples drawn with ``data_seed`` (the training set) and ``n_heldout`` others
-    from a separate stream, disjoint from the training set (:mod:`hdiff.training.data`)."""
+    from a separate stream, disjoint from the training set (:mod:`hdiff.training.data`).
+
+    ``fresh = true``: every step draws a new batch from the GHM instead (unlimited data, "n = inf";
+    :mod:`hdiff.training.fresh`); ``n_train`` then only sizes the set the training loss is logged on.
+    """
 
     n_train: int = 512
     n_heldout: int = 512
     data_seed: int = 0
+    fresh: bool = False
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to 0, gradient clipping, EMA of the weights.
+    """AdamW with linear warmup then a cosine decay to 0 (or a constant rate), gradient clipping, EMA.
 
     ``max_steps`` counts optimizer steps; ``batch_size`` is per process. ``grad_clip = 0`` turns
     clipping off; ``ema_decay`` is the EMA's ceiling (diffusers ``EMAModel`` ramps up to it).
+    ``schedule = "constant"`` keeps the rate after warmup, so the run's state at step ``S`` is what a
+    run of ``S`` steps would end with: its snapshots are a budget axis (``hdiff compare`` diagnostics).
     """
 
     lr: float = 2e-3
@@ -78,11 +88,16 @@ class OptimConfig:
     batch_size: int = 128
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 @dataclass
 class RunConfig:
-    """Seeds and cadences. ``seed`` drives the weight init, the data order and the noise draws."""
+    """Seeds and cadences. ``seed`` drives the weight init, the data order and the noise draws.
+
+    ``snapshot_steps``: steps at which the EMA weights are also saved to ``OUT/snapshots/step_XXXXXX/``
+    (``save_pretrained``), for evaluating a run along its training time.
+    """
 
     seed: int = 0
     checkpoint_every: int = 500
@@ -91,6 +106,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     num_workers: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    snapshot_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -117,10 +133,13 @@ class TrainConfig:
         for name in ("data.n_train", "data.n_heldout", "optim.max_steps", "optim.batch_size",
                      "run.checkpoint_every", "run.eval_every", "run.log_every", "run.keep_checkpoints"):
             _positive(self, name)
-        for name in ("optim.warmup_steps", "run.num_workers"):
+        for name in ("optim.warmup_steps", "run.num_workers", "run.seed", "data.data_seed"):
             if _get(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {_get(self, name)}")
-        if self.data.n_train < self.optim.batch_size:
+        steps = self.run.snapshot_steps
+        if not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= self.optim.max_steps for k in steps):
+            raise ValueError(f"run.snapshot_steps must be steps in [1, optim.max_steps = {self.optim.max_steps}], got {steps}")
+        if self.data.n_train < self.optim.batch_size and not self.data.fresh:
             raise ValueError(f"data.n_train ({self.data.n_train}) must be at least optim.batch_size "
                              f"({self.optim.batch_size}): every step draws a full batch from the training set")
         o = self.optim

@@ -10,6 +10,8 @@ masked leaves only, optionally with MDLM's ELBO weight; the others average every
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from hdiff.noise import NoiseProcess, Schedule, get_schedule
@@ -21,7 +23,7 @@ def sample_t(batch: int, t_min: float, *, generator: torch.Generator, device: to
 
 
 def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, process: NoiseProcess, *, schedule: str | Schedule,
-                   t_min: float, elbo: bool, generator: torch.Generator) -> torch.Tensor:
+                   t_min: float, elbo: bool, generator: torch.Generator, oracle: Callable | None = None) -> torch.Tensor:
     """One Monte-Carlo estimate of the training loss on a batch of clean leaves.
 
     Args:
@@ -33,6 +35,11 @@ def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, process: NoiseProce
         t_min: lower end of ``t``.
         elbo: masking only: weight masked cross-entropies by the MDLM weight (see module doc).
         generator: the only RNG used (time and noise), on ``x0``'s device.
+        oracle: the exact denoiser (:class:`~hdiff.denoisers.BPDenoiser`); when given, the target of
+            each leaf is the oracle's posterior ``p(x0_i | x_t)`` instead of the clean token (the
+            Rao-Blackwellised loss: the soft cross-entropy ``-sum_b p_b log q_b``, whose expectation
+            is the same up to the oracle's entropy, and whose minimiser is the same, with no label
+            noise). Used to split a learned model's gap (docs/experiments.md, "Diagnostics").
 
     Returns:
         A scalar, in nats per leaf (per masked leaf for unweighted masking).
@@ -42,8 +49,13 @@ def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, process: NoiseProce
     alpha = schedule.alpha(t)
     x_t = process.add_noise(x0, alpha, generator=generator)
     log_probs = model(x_t, alpha)
-    # a gather, not F.nll_loss: any leaf shape, and no contiguity demands on the model's output
-    nll = -log_probs.float().gather(1, x0.unsqueeze(1)).squeeze(1)  # (B, *leaf_shape)
+    if oracle is not None:
+        with torch.no_grad():
+            target = oracle(x_t, alpha).float().exp()  # (B, v, *leaf_shape)
+        # 0 * log q = 0 where the oracle rules a token out (the model may put -inf there too)
+        nll = -torch.where(target > 0, target * log_probs.float(), 0.0).sum(1)
+    else:  # a gather, not F.nll_loss: any leaf shape, and no contiguity demands on the model's output
+        nll = -log_probs.float().gather(1, x0.unsqueeze(1)).squeeze(1)  # (B, *leaf_shape)
     return process.reduce_loss(nll, x_t, t, schedule, elbo=elbo)
 
 

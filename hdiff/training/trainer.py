@@ -15,10 +15,10 @@ uninterrupted one, and its ``log.jsonl`` has the same records.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,19 +27,24 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hdiff.training.artifacts import MODEL_DIR, RAW_MODEL_DIR, save_final, write_run_description
-from hdiff.training.checkpoint import JsonlLog, latest_checkpoint, load_checkpoint, save_checkpoint
-from hdiff.training.config import TrainConfig, load_train_config
-from hdiff.training.data import GHMDataset, StepBatchSampler, identity_collate, stream_seed
-from hdiff.training.loss import diffusion_loss, evaluation_loss
+from hdiff.denoisers import BPDenoiser
 from hdiff.noise import get_process, get_schedule
+from hdiff.runs import check_output_dir, output_dir
+from hdiff.training.artifacts import (MODEL_DIR, RAW_MODEL_DIR, SNAPSHOT_DIR, save_final, save_pretrained_atomic,
+                                     write_run_description)
+from hdiff.training.checkpoint import JsonlLog, load_checkpoint, save_checkpoint
+from hdiff.training.config import TrainConfig
+from hdiff.training.data import GHMDataset, StepBatchSampler, identity_collate, stream_seed
+from hdiff.training.fresh import FreshBatchSampler, FreshGHMDataset, stack_collate
+from hdiff.training.loss import diffusion_loss, evaluation_loss
 from hdiff.training.models import build_model
+from hdiff.training.rundir import (RESUMABLE_FIELDS, TrainingDiverged, config_differences, preflight,
+                                   prepare_run_dir)
 
 # sub-streams of run.seed, so that no two random sources share a sequence
 _NOISE_STREAM, _EVAL_STREAM = 1000, 999
-#: config fields a resumed run may change (cadences, the length); anything else changes what is trained
-RESUMABLE_FIELDS = ("optim.max_steps", "run.checkpoint_every", "run.eval_every", "run.log_every", "run.keep_checkpoints",
-              "run.num_workers")
+# RESUMABLE_FIELDS and config_differences live in rundir; re-exported here, where callers found them before
+__all__ = ["train", "TrainResult", "TrainingDiverged", "RESUMABLE_FIELDS", "config_differences"]
 
 
 @dataclass
@@ -63,38 +68,6 @@ class TrainResult:
     time_s: float
 
 
-def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
-    """Dotted names of the fields where ``a`` and ``b`` differ."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "options":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
-
-
-def _check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> tuple[int, Path] | None:
-    """The checkpoint to resume from (or None); refuse to overwrite a run or to resume a different one."""
-    latest = latest_checkpoint(out)
-    if not resume:
-        if latest is not None or (out / MODEL_DIR).exists():
-            raise ValueError(f"{str(out)!r} already holds a training run (checkpoints/ or {MODEL_DIR}/): "
-                             "pass --resume to continue it, or choose another --out")
-        return None
-    if (out / "config.toml").is_file():
-        changed = [k for k in config_differences(load_train_config(out / "config.toml"), cfg)
-                   if k not in RESUMABLE_FIELDS]
-        if changed:
-            raise ValueError(f"cannot resume {str(out)!r}: the config differs from its config.toml in {changed} "
-                             f"(only {', '.join(RESUMABLE_FIELDS)} may change on resume)")
-    return latest
-
-
 def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
@@ -102,15 +75,20 @@ def _make_accelerator(cfg: TrainConfig):
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.run.mixed_precision)
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
           callback: Callable[[int], None] | None = None, progress: bool | None = None) -> TrainResult:
     """Train a denoiser on ``cfg.data.n_train`` samples of ``cfg.ghm`` and save it in ``out``.
+
+    Everything that can be checked is checked before the first file is written (the config on
+    this machine, ``out``, the GHM, the model); then ``out`` is claimed for ``train`` and locked
+    for the whole run (:mod:`hdiff.runs`), so no other command or second ``train`` writes it meanwhile.
 
     Args:
         cfg: the resolved config.
         out: the run directory (created); see :mod:`hdiff.training.artifacts` for its contents.
-        resume: continue from the latest complete checkpoint in ``out`` (a fresh start if there is
-            none); without it, ``out`` must not hold a run already.
+        resume: continue from the newest intact checkpoint in ``out`` (a fresh start if there is
+            none); without it (or ``overwrite``), ``out`` must not hold a run already.
+        overwrite: delete the run in ``out`` and start over.
         callback: called with the step number after every step (after logging and checkpointing);
             an exception raised there interrupts the run like a crash would.
         progress: show the tqdm bar; None shows it on an interactive terminal only.
@@ -119,12 +97,37 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
         A :class:`TrainResult`.
 
     Raises:
-        ValueError: ``out`` holds a run and ``resume`` is False, or holds one with another config.
+        ValueError: a bad ``out`` or config (see :func:`~hdiff.training.rundir.prepare_run_dir`).
+        hdiff.runs.DirectoryLocked: another process is writing ``out``.
+        TrainingDiverged: the loss, gradients or weights became non-finite (naming ``out`` and the step).
     """
     out = Path(out)
-    latest = _check_out_dir(out, cfg, resume)
-    acc = _make_accelerator(cfg)
+    preflight(cfg)
+    check_output_dir(out, "train")
     ghm = cfg.ghm.build()
+    model = build_model(cfg, ghm)  # a bad model.options fails here, before any directory exists
+    acc = _make_accelerator(cfg)
+    # one writer per run directory; under `accelerate launch` the main process holds the lock for all
+    with output_dir(out, "train") if acc.is_main_process else nullcontext(out):
+        latest = prepare_run_dir(out, cfg, ghm, resume=resume, overwrite=overwrite) if acc.is_main_process else None
+        latest = _broadcast(acc, latest)
+        return _train(cfg, out, ghm, model, acc, latest, callback, progress)
+
+
+def _broadcast(acc, latest: tuple[int, Path] | None) -> tuple[int, Path] | None:
+    """The main process's choice of checkpoint, on every process."""
+    if acc.num_processes == 1:
+        return latest
+    from accelerate.utils import broadcast_object_list
+
+    box = [latest]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest: tuple[int, Path] | None,
+           callback: Callable[[int], None] | None, progress: bool | None) -> TrainResult:
+    """The loop of :func:`train`, once ``out`` is locked and the checkpoint to resume from is chosen."""
     train_set, heldout_set = GHMDataset.split(ghm, cfg.data.n_train, cfg.data.n_heldout, seed=cfg.data.data_seed)
     log = JsonlLog(out / "log.jsonl")
     if acc.is_main_process:
@@ -134,38 +137,51 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
 
     o, n_proc = cfg.optim, acc.num_processes
     process = get_process(cfg.noise.process, ghm.vocab_size)
-    model = build_model(cfg, ghm)
     # fused AdamW: one kernel for all parameters (torch's default on CPU is a Python loop over tensors)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay, fused=True)
-    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * n_proc, o.max_steps * n_proc)
+    if o.schedule == "constant":
+        lr_scheduler = get_constant_schedule_with_warmup(optimizer, o.warmup_steps * n_proc)
+    else:
+        lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * n_proc, o.max_steps * n_proc)
     model, optimizer, lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
     raw = acc.unwrap_model(model)
-    ema = EMAModel(raw.parameters(), decay=o.ema_decay, foreach=True)
-    acc.register_for_checkpointing(ema)
+    ema = EMAModel(raw.parameters(), decay=o.ema_decay, foreach=True)  # checkpointed by hdiff, as safetensors
     eval_model = copy.deepcopy(raw).eval().requires_grad_(False)  # holds the EMA weights for eval and saving
 
     noise_seed = stream_seed(cfg.run.seed, _NOISE_STREAM + acc.process_index)  # each process its own noise
     noise_rng = torch.Generator(device=acc.device).manual_seed(noise_seed)
     state = {"step": 0, "elapsed": 0.0, "loss_sum": 0.0, "loss_count": 0}
     if latest is not None:
-        saved = load_checkpoint(acc, latest[1])
-        ema.to(acc.device)  # accelerate loads registered objects onto the CPU
+        saved = load_checkpoint(acc, latest[1], ema)
+        ema.to(acc.device)  # the EMA is loaded onto the CPU
         rng_state = saved.pop("noise_rng")
         if rng_state is not None:
             noise_rng.set_state(rng_state)
         state.update({k: saved[k] for k in state})
 
     step = state["step"]
-    sampler = StepBatchSampler(len(train_set), o.batch_size, seed=cfg.run.seed, start=step * n_proc,
-                               count=max(0, o.max_steps - step) * n_proc)
-    loader = acc.prepare(DataLoader(train_set, batch_sampler=sampler, collate_fn=identity_collate,
-                                    num_workers=cfg.run.num_workers))
+    saved_step = step if latest is not None else None  # the last checkpoint on disk, for a divergence report
+    count = max(0, o.max_steps - step) * n_proc
+    if cfg.data.fresh:  # a new batch from the GHM at every step: a pure function of (data_seed, batch index)
+        loader = acc.prepare(DataLoader(FreshGHMDataset(ghm, cfg.data.data_seed), collate_fn=stack_collate,
+                                        batch_sampler=FreshBatchSampler(o.batch_size, start=step * n_proc, count=count)))
+    else:
+        sampler = StepBatchSampler(len(train_set), o.batch_size, seed=cfg.run.seed, start=step * n_proc, count=count)
+        loader = acc.prepare(DataLoader(train_set, batch_sampler=sampler, collate_fn=identity_collate,
+                                        num_workers=cfg.run.num_workers))
+    oracle = BPDenoiser(ghm.to(acc.device), process) if cfg.noise.target == "oracle" else None
     loss_kw = dict(schedule=get_schedule(cfg.schedule), t_min=cfg.noise.t_min, elbo=cfg.noise.elbo_weight)
+    snapshots = set(cfg.run.snapshot_steps)
+
+    def diverged(what: str, at: int) -> TrainingDiverged:
+        kept = f"its last checkpoint (step {saved_step}) is kept" if saved_step else "no checkpoint was saved yet"
+        return TrainingDiverged(f"training diverged in {str(out)!r}: {what} at step {at}; nothing of that step "
+                                f"was saved and {kept} (lower optim.lr, or keep optim.grad_clip > 0)")
 
     def evaluate() -> dict[str, float]:
         ema.copy_to(eval_model.parameters())
@@ -187,10 +203,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
     model.train()
     try:
         for x0 in loader:
-            loss = diffusion_loss(model, x0, process, generator=noise_rng, **loss_kw)
+            loss = diffusion_loss(model, x0, process, generator=noise_rng, oracle=oracle, **loss_kw)
+            # one scalar host sync per step: a non-finite loss must never reach the weights
+            if not _all_finite(acc, loss.detach()):
+                raise diverged(f"the training loss is {float(loss.detach())}", step + 1)
             acc.backward(loss)
             if o.grad_clip > 0:
-                acc.clip_grad_norm_(model.parameters(), o.grad_clip)
+                norm = acc.clip_grad_norm_(model.parameters(), o.grad_clip)
+                if norm is not None and not _all_finite(acc, norm.detach()):
+                    raise diverged(f"the gradient norm is {float(norm)}", step + 1)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -201,9 +222,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
             bar.update(1)
             last = _maybe_log(step, cfg, acc, log, loss_sum, state, lr_scheduler, evaluate, t0, bar) or last
             if step % cfg.run.checkpoint_every == 0 or step == o.max_steps:
+                if not _weights_finite(raw):  # a finite loss can still have led to infinite weights
+                    raise diverged("the weights became NaN or infinite", step)
                 state.update(step=step, elapsed=time.monotonic() - t0, loss_sum=float(loss_sum))
                 save_checkpoint(acc, out, step, {**state, "noise_rng": noise_rng.get_state()},
-                                keep=cfg.run.keep_checkpoints)
+                                keep=cfg.run.keep_checkpoints, ema=ema)
+                saved_step = step
+            if step in snapshots and acc.is_main_process:  # the EMA weights at this step, for the time axis
+                ema.copy_to(eval_model.parameters())
+                (out / SNAPSHOT_DIR).mkdir(exist_ok=True)
+                save_pretrained_atomic(eval_model, out / SNAPSHOT_DIR / f"step_{step:06d}")
             if callback is not None:
                 callback(step)
     finally:
@@ -213,14 +241,30 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False,
         if "heldout_loss" not in last:  # resumed at max_steps: nothing ran; report the final losses anyway
             last = {**(log.read() or [{}])[-1], **evaluate()}
         ema.copy_to(eval_model.parameters())
+        if not (_weights_finite(raw) and _weights_finite(eval_model)):
+            raise diverged("the weights are NaN or infinite", step)
         meta = {"n_train": cfg.data.n_train, "n_heldout": cfg.data.n_heldout, "data_seed": cfg.data.data_seed,
                 "heldout_seed": heldout_set.seed, "steps": step, "num_processes": n_proc,
                 "global_batch_size": o.batch_size * n_proc, "model_kind": cfg.model.kind,
+                "ghm_sha256": ghm.sha256(),
                 "weights": {MODEL_DIR: "EMA", RAW_MODEL_DIR: "raw (last step)"}, "time_s": elapsed,
                 **{f"final_{k}": last.get(k) for k in ("loss", "heldout_loss", "heldout_loss_raw", "train_eval_loss")}}
         save_final(out, cfg, ghm, eval_model, raw, meta)
     acc.wait_for_everyone()
     return TrainResult(out, step, last.get("loss"), last.get("heldout_loss"), last.get("heldout_loss_raw"), elapsed)
+
+
+def _all_finite(acc, value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every process (one all-reduce when there are several, so all stop together)."""
+    ok = torch.isfinite(value).all().float()
+    if acc.num_processes > 1:
+        ok = acc.reduce(ok, "min")
+    return bool(ok > 0)
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _maybe_log(step: int, cfg: TrainConfig, acc, log: JsonlLog, loss_sum: torch.Tensor, state: dict,

@@ -112,6 +112,9 @@ def test_changed_evaluation_settings_redo_the_cells(tmp_path):
     ({"compare": {**TINY["compare"], "samplers": []}}, "compare.samplers"),
     ({"compare": {**TINY["compare"], "samplers": [{"name": "x", "scheduler": "ddim", "steps": 4}]}}, "scheduler"),
     ({"compare": {**TINY["compare"], "nelbo_draws": 1}}, "compare.nelbo_draws"),
+    ({"compare": {**TINY["compare"], "samplers": [{"name": "x", "scheduler": "masked", "steps": 1001}]}},
+     r"compare.samplers \(x\).steps = 1001"),
+    ({"compare": {**TINY["compare"], "seed": -1}}, "compare.seed"),
     ({"model": {"kind": "nope"}}, "model.kind"),
 ])
 def test_bad_configs_name_the_field(change, match):
@@ -149,3 +152,112 @@ def test_compare_with_other_noise(tmp_path, process, sampler):
         assert r["nelbo_bits_per_leaf"] + 3 * r["nelbo_se"] >= exact - 3 * exact_se
     oracle = next(r for r in metrics["rows"] if r["denoiser"] == "oracle")
     assert abs(oracle["nelbo_bits_per_leaf"] - exact) < 4 * oracle["nelbo_se"] + 0.05
+
+
+# ---------------------------------------------------------------- run directories, locks, faults (issue #12)
+ONE = {**TINY, "compare": {**TINY["compare"], "n_train": [8], "max_steps": [6]}}
+
+
+def _one(**changes):
+    """:data:`ONE` with ``[compare]`` keys (``max_steps``) or ``[optim]`` keys (``lr``) changed."""
+    data = {**ONE, "compare": dict(ONE["compare"]), "optim": dict(ONE["optim"])}
+    for k, v in changes.items():
+        data["compare" if k in data["compare"] else "optim"][k] = v
+    return compare_config_from_dict(data)
+
+
+def _run_dirs(out):
+    return {p.name: p for p in (out / "runs").iterdir()}
+
+
+def _model_bytes(run_dir):
+    return (run_dir / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_a_changed_cell_trains_from_scratch_in_its_own_place(tmp_path):
+    from hdiff.experiments.compare import Sweep, train_cell
+    from hdiff.training import train
+
+    out = tmp_path / "out"
+    run_compare(_one(), out, progress=False)
+    (six,) = _run_dirs(out).values()
+    assert six.name.startswith("tree_unet_n8-")
+    before = _model_bytes(six)
+    metrics = run_compare(_one(max_steps=[4]), out, progress=False)  # fewer steps: not the old, longer model
+    assert metrics["rows"][0]["steps"] == 4 and metrics["cells_skipped"] == 1  # the oracle's cell is reused
+    four = next(p for p in _run_dirs(out).values() if p != six)
+    assert _model_bytes(four) != before and _model_bytes(six) == before  # the old run is left as it was
+
+    def cell(cfg):  # what run_compare does for the learned cell, without the evaluation
+        run_dir = Sweep(cfg, out).run_dir("tree_unet", 8)
+        train_cell(cfg.train_config(8, "tree_unet"), run_dir)
+        return run_dir
+
+    longer = _one(max_steps=[9])  # more steps: a fresh run of that config, not the old one extended
+    train(longer.train_config(8, "tree_unet"), tmp_path / "fresh", progress=False)
+    assert _model_bytes(cell(longer)) == _model_bytes(tmp_path / "fresh")
+    cell(_one(lr=1e-3))  # another lr: every earlier run is still there
+    assert len(_run_dirs(out)) == 4 and _model_bytes(six) == before and _model_bytes(four) != before
+
+
+def test_a_run_directory_holding_another_config_is_kept_unless_overwrite(tmp_path):
+    from hdiff.experiments.compare import Sweep, train_cell
+    from hdiff.training import load_train_config
+
+    out, cfg = tmp_path / "out", _one()
+    run = Sweep(cfg, out).run_dir("tree_unet", 8)
+    train_cell(cfg.train_config(8, "tree_unet").replace(**{"run.seed": 5}), run)  # someone else's run in its place
+    with pytest.raises(ValueError, match=r"holds a run of another config \(it differs in \['run.seed'\]\).*--overwrite"):
+        run_compare(cfg, out, progress=False)
+    assert (run / "model").is_dir()  # nothing was deleted
+    assert run_compare(cfg, out, progress=False, overwrite=True)["rows"][0]["steps"] == 6
+    assert load_train_config(run / "config.toml").run.seed == 0  # retrained as this cell's own run
+
+
+def test_damaged_cells_and_sample_panels_are_recomputed(tmp_path):
+    out = tmp_path / "out"
+    run_compare(_one(), out, progress=False)
+    cell = out / "cells" / "tree_unet_n8.json"
+    cell.write_text(cell.read_text()[:40])
+    panel = out / "samples" / "oracle_n8.fixed.pt"
+    panel.write_bytes(panel.read_bytes()[:30])
+    (meta,) = (out / "runs").glob("*/train_meta.json")
+    meta.write_text(meta.read_text()[:10])
+    with pytest.warns(RuntimeWarning) as caught:
+        metrics = run_compare(_one(), out, progress=False)
+    text = " ".join(str(w.message) for w in caught)
+    assert "tree_unet_n8.json: corrupt or truncated JSON" in text and "oracle_n8.fixed.pt: not a readable" in text
+    assert "train_meta.json: corrupt or truncated JSON" in text  # the finished run is resumed at its end ...
+    assert metrics["cells_skipped"] == 0 and json.loads(cell.read_text())["steps"] == 6
+    assert json.loads(meta.read_text())["steps"] == 6  # ... which writes it again
+
+
+def test_a_second_sweep_on_one_out_exits_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    from hdiff.runs import DirectoryLocked
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = ("import fcntl, json, os, sys, time\n"  # another process holding the directory's lock
+              "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+              "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'h', 'command': 'compare'}).encode())\n"
+              "print('locked', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out / ".hdiff.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(DirectoryLocked, match=rf"in use by hdiff compare \(pid {proc.pid} on h"):
+            run_compare(_one(), out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".hdiff.lock"]  # nothing trained, nothing written
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_diverging_cell_is_named(tmp_path):
+    from hdiff.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"compare cell tree_unet_n8: training diverged"):
+        run_compare(_one(lr=1e30), tmp_path / "out", progress=False)

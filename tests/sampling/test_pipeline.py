@@ -90,8 +90,10 @@ def test_cli_sample_with_the_oracle(tmp_path, args):
     assert (out / "samples.png").stat().st_size > 0
 
 
-def test_cli_sample_rejects_unknown_ghm_keys(tmp_path):
+def test_cli_sample_rejects_unknown_ghm_keys(tmp_path, capsys):
     cfg = tmp_path / "ghm.toml"
     cfg.write_text("[ghm]\nvocab = 8\n")
-    with pytest.raises(ValueError, match="vocab"):
-        main(["sample", "--ghm", str(cfg), "--out", str(tmp_path / "o")])
+    assert main(["sample", "--ghm", str(cfg), "--out", str(tmp_path / "o")]) == 2  # one line, exit status 2
+    assert "vocab" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="vocab"):  # --debug shows the exception itself
+        main(["sample", "--debug", "--ghm", str(cfg), "--out", str(tmp_path / "o")])

@@ -1,4 +1,8 @@
-"""``hdiff train`` end to end on a tiny config, then ``hdiff sample --denoiser <run dir>``."""
+"""``hdiff train`` end to end on a tiny config, then ``hdiff sample --denoiser <run dir>``.
+
+``main`` reports errors as one line on stderr and exit status 2 (tests/test_cli_errors.py covers the
+general rule); here each error is checked for the field or flag it names.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,15 @@ from hdiff.cli import main
 from hdiff.training import train_config_to_toml
 
 from .conftest import tiny_config
+
+
+def _fails(capsys: pytest.CaptureFixture, args: list[str], match: str, code: int = 2) -> str:
+    """Run ``main(args)``; it must exit with ``code`` and print one error line containing ``match``."""
+    capsys.readouterr()
+    assert main(args) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hdiff") and match in err[0], err
+    return err[0]
 
 
 def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -27,8 +40,7 @@ def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert meta["n_train"] == 128 and meta["steps"] == 20  # the command-line overrides won
     assert "n_train = 128" in (out / "config.toml").read_text()
 
-    with pytest.raises(ValueError, match="--resume"):
-        main(args)
+    _fails(capsys, args, "--resume")
     assert main(args[:-1] + ["30", "--resume"]) == 0  # extend the run by 10 steps
     assert json.loads((out / "train_meta.json").read_text())["steps"] == 30
 
@@ -37,22 +49,21 @@ def test_train_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     metrics = json.loads((samples / "metrics.json").read_text())
     assert metrics["process"] == "masking" and metrics["denoiser"] == str(out)
     assert 0.0 <= metrics["validity"] <= 1.0
-    with pytest.raises(ValueError, match="trained with masking noise"):
-        main(["sample", "--denoiser", str(out), "--process", "uniform", "--out", str(samples)])
+    _fails(capsys, ["sample", "--denoiser", str(out), "--process", "uniform", "--scheduler", "uniform",
+                    "--out", str(samples)], "trained with masking noise")
 
 
-def test_sample_needs_a_ghm_for_the_oracle_and_a_run_dir_otherwise(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--ghm is required"):
-        main(["sample", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="trained run directory"):
-        main(["sample", "--denoiser", str(tmp_path), "--out", str(tmp_path / "s")])
+def test_sample_needs_a_ghm_for_the_oracle_and_a_run_dir_otherwise(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    _fails(capsys, ["sample", "--out", str(tmp_path / "s")], "--ghm is required")
+    _fails(capsys, ["sample", "--denoiser", str(tmp_path), "--out", str(tmp_path / "s")], "trained run directory")
+    assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
-def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
+def test_bad_config_file_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(train_config_to_toml(tiny_config()) + "\n[extra]\nx = 1\n")
-    with pytest.raises(ValueError, match="extra"):
-        main(["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    _fails(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run")], "extra")
     config.write_text(train_config_to_toml(tiny_config()).replace("batch_size = 32", 'batch_size = "32"'))
-    with pytest.raises(TypeError, match="batch_size"):
-        main(["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    _fails(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "run")], "batch_size")
+    assert not (tmp_path / "run").exists()
