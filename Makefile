@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)

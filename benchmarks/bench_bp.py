@@ -15,14 +15,18 @@ einsum per level for factorized kernels), checked against hdiff (leaf marginals 
 before timing, and (3) with ``--published PATH``, the BP of the RHM papers, ``BpRhm`` from
 AntonioScl/minimal_diffusion_rhm (``datasets/BP_utils.py``; never vendored here), on B1 and B2 with
 hdiff's rules and the same evidence (its ``run_BP_from_upward_messages``, which returns every level's
-marginals; hdiff's ``levels=True`` time is recorded next to it). It also times B1 at batch
-64..512 and B1-like RHMs at depth 6..9 (batch 64) to show that the cost is linear in batch and leaves.
+marginals; hdiff's ``levels=True`` time is recorded next to it). On the production-kernel cases
+(B1-B3) it also times hdiff's opt-in compiled path, ``posterior(..., compiled=True)``
+(``hdiff.bp.compiled``), checked against the eager result first; its one-off compile time is
+recorded apart (``compile_s``) and never enters the per-call times (``--no-compiled`` skips it).
+It also times B1 at batch 64..512 and B1-like RHMs at depth 6..9 (batch 64) to show that the cost
+is linear in batch and leaves.
 
 Timing: one warm-up call each, then ``--repeats`` rounds in which the implementations of a case run
 one after the other (time.perf_counter, ``torch.inference_mode``, torch's thread count left as is);
 the table shows medians, the JSON also the minima and the load average. Writes ``benchmarks/results/bp.json``.
 
-Run: ``.venv/bin/python benchmarks/bench_bp.py [--quick] [--published /path/to/minimal_diffusion_rhm]``
+Run: ``.venv/bin/python benchmarks/bench_bp.py [--quick] [--no-compiled] [--published /path/to/minimal_diffusion_rhm]``
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ CASES: dict[str, dict[str, Any]] = {
     "B4": dict(kind="factorized", v=16, m=None, s=2, L=10, batch=64, layout="sequence"),
 }
 TOLERANCE = 1e-4
+DEVICE = torch.device("cpu")  # --device: where the GHMs and the evidence live (built on the CPU, then moved)
+
+
+def timed(fns: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
+    """On CUDA, each call waits for the GPU to finish (kernels are asynchronous), so the times are real."""
+    if DEVICE.type != "cuda":
+        return fns
+    return {k: (lambda f=f: (f(), torch.cuda.synchronize(DEVICE))) for k, f in fns.items()}
 
 
 def make_ghm(c: dict[str, Any], depth: int | None = None) -> GHM:
@@ -149,9 +161,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def run_case(name: str, c: dict[str, Any], repeats: int, published: tuple[type, str] | None) -> dict[str, Any]:
+def run_case(name: str, c: dict[str, Any], repeats: int, published: tuple[type, str] | None,
+             compiled: bool = True) -> dict[str, Any]:
     ghm = make_ghm(c)
     ll = soft_evidence(ghm, c["batch"])
+    ghm, ll = ghm.to(DEVICE), ll.to(DEVICE)
     ref = posterior(ghm, ll)
     marg, log_ev = naive_posterior(ghm, ll)
     diff = max_diff(marg, ref.leaf_marginals)
@@ -162,20 +176,33 @@ def run_case(name: str, c: dict[str, Any], repeats: int, published: tuple[type, 
                            "leaves": ghm.num_leaves, "max_abs_diff_naive": diff, "rel_diff_log_evidence_naive": ev_diff}
     fns: dict[str, Callable[[], Any]] = {"hdiff": lambda: posterior(ghm, ll), "naive": lambda: naive_posterior(ghm, ll)}
     row.update(max_abs_diff_published=None)
-    if published is not None and name in ("B1", "B2"):
+    if published is not None and name in ("B1", "B2") and DEVICE.type == "cpu":
         call = published_call(published[0], ghm, ll)
         leaf = call()[ghm.depth]  # (v, B * d)
         row["max_abs_diff_published"] = max_diff(leaf.T.reshape(ref.leaf_marginals.shape), ref.leaf_marginals)
         if row["max_abs_diff_published"] >= TOLERANCE:
             print(f"warning: {name}: published BP differs from hdiff by {row['max_abs_diff_published']:.2e}", flush=True)
         fns.update(published=call, hdiff_all_levels=lambda: posterior(ghm, ll, levels=True))
-    t = bench(fns, repeats)
-    for key in ("hdiff", "naive", "published", "hdiff_all_levels"):
+    row.update(compile_s=None, max_abs_diff_compiled=None)
+    if compiled and c["kind"] == "rhm":
+        start = time.perf_counter()
+        comp = posterior(ghm, ll, compiled=True)  # the first call compiles: timed apart, never in the rounds
+        posterior(ghm, ll[: max(1, c["batch"] // 2)], compiled=True)  # a second shape: the dynamic-shape graphs
+        row["compile_s"] = time.perf_counter() - start
+        row["max_abs_diff_compiled"] = max_diff(comp.leaf_marginals, ref.leaf_marginals)
+        ev_c = float(((comp.log_evidence.double() - ref.log_evidence.double()).abs() / ref.log_evidence.double().abs()).max())
+        if row["max_abs_diff_compiled"] >= TOLERANCE or ev_c >= TOLERANCE:
+            raise RuntimeError(f"{name}: compiled BP disagrees with eager ({row['max_abs_diff_compiled']:.2e}, {ev_c:.2e})")
+        fns["hdiff_compiled"] = lambda: posterior(ghm, ll, compiled=True)
+    t = bench(timed(fns), repeats)
+    for key in ("hdiff", "naive", "published", "hdiff_all_levels", "hdiff_compiled"):
         row[f"{key}_ms"] = t[key]["median"] if key in t else None
         row[f"{key}_min_ms"] = t[key]["min"] if key in t else None
     row["samples_per_s"] = 1e3 * c["batch"] / row["hdiff_ms"]
     row["speedup_vs_naive"] = row["naive_ms"] / row["hdiff_ms"]
     row["speedup_vs_published"] = row["published_ms"] / row["hdiff_ms"] if row["published_ms"] else None
+    row["speedup_vs_published_compiled"] = (row["published_ms"] / row["hdiff_compiled_ms"]
+                                            if row["published_ms"] and row["hdiff_compiled_ms"] else None)
     return row
 
 
@@ -185,8 +212,8 @@ def scaling(repeats: int) -> dict[str, list[dict[str, float]]]:
     ghm = make_ghm(b1)
     setups: list[tuple[str, GHM, int]] = [(f"batch={b}", ghm, b) for b in (64, 128, 256, 512)]
     setups += [(f"depth={d}", make_ghm(b1, d), 64) for d in (6, 7, 8, 9)]
-    inputs = {name: (g, soft_evidence(g, b)) for name, g, b in setups}
-    t = bench({name: (lambda g=g, ll=ll: posterior(g, ll)) for name, (g, ll) in inputs.items()}, repeats)
+    inputs = {name: (g.to(DEVICE), soft_evidence(g, b).to(DEVICE)) for name, g, b in setups}
+    t = bench(timed({name: (lambda g=g, ll=ll: posterior(g, ll)) for name, (g, ll) in inputs.items()}), repeats)
     rows = [{"batch": b, "depth": g.depth, "leaves": g.num_leaves, "ms": t[name]["median"], "min_ms": t[name]["min"],
              "us_per_leaf": 1e3 * t[name]["median"] / (b * g.num_leaves)} for name, g, b in setups]
     by_batch, by_depth = rows[:4], rows[4:]
@@ -212,8 +239,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of --repeats")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--published", default=None, help="checkout of AntonioScl/minimal_diffusion_rhm (or its BP_utils.py)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the published BP runs on the CPU only)")
+    parser.add_argument("--no-compiled", action="store_true", help="skip hdiff's opt-in compiled path (torch.compile)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bp.json"))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats
     tuned, load_before = prepare_run()
     published = None
@@ -223,16 +254,17 @@ def main() -> int:
         print(f"--published {args.published}: not found, skipping the published BP", flush=True)
     rows = []
     print(f"{'case':4} {'model':38} {'hdiff ms':>9} {'samples/s':>10} {'naive ms':>9} {'x naive':>8} "
-          f"{'publ. ms':>9} {'x publ.':>8} {'hdiff lvls':>10}", flush=True)
+          f"{'publ. ms':>9} {'x publ.':>8} {'hdiff lvls':>10} {'compiled':>9} {'x publ.':>8}", flush=True)
     with torch.inference_mode():
         for name, c in CASES.items():
-            r = run_case(name, c, repeats, published)
+            r = run_case(name, c, repeats, published, compiled=not args.no_compiled)
             rows.append(r)
             model = (f"{c['layout']} {c['kind']} v={c['v']}" + (f" m={c['m']}" if c["m"] else "")
                      + f" s={c['s']} L={c['L']} B={c['batch']}")
             print(f"{name:4} {model:38} {r['hdiff_ms']:9.2f} {r['samples_per_s']:10.0f} {r['naive_ms']:9.2f} "
                   f"{r['speedup_vs_naive']:8.1f} {fmt(r['published_ms'])} {fmt(r['speedup_vs_published'], '8.1f')} "
-                  f"{fmt(r['hdiff_all_levels_ms'], '10.2f')}", flush=True)
+                  f"{fmt(r['hdiff_all_levels_ms'], '10.2f')} {fmt(r['hdiff_compiled_ms'])} "
+                  f"{fmt(r['speedup_vs_published_compiled'], '8.1f')}", flush=True)
         scale = scaling(repeats)
     print("scaling (hdiff, B1 model):", flush=True)
     for r in scale["batch"]:
@@ -240,13 +272,16 @@ def main() -> int:
     for r in scale["depth"]:
         print(f"  batch   64 L={r['depth']}: {r['ms']:8.2f} ms  ({r['us_per_leaf']:.4f} us per batch*leaf)")
     result = {
-        "benchmark": "ms per hdiff.bp.posterior call (leaf marginals + log-evidence), float32 soft evidence",
+        "benchmark": "ms per hdiff.bp.posterior call (leaf marginals + log-evidence), float32 soft evidence; "
+                     "hdiff_compiled_ms: posterior(..., compiled=True) after its one-off compile (compile_s)",
         "repeats": repeats, "statistic": "median (and min) of interleaved rounds after one warm-up", "cases": rows, "scaling": scale,
         "published": {"source": "github.com/AntonioScl/minimal_diffusion_rhm datasets/BP_utils.py BpRhm"
                       ".run_BP_from_upward_messages (all levels' marginals)",
                       "path": args.published if published else None, "sha256": published[1] if published else None},
-        "machine": machine_info(cpu=cpu_model(), malloc_tuned=tuned,
-                                loadavg_1min_before_after=[load_before, os.getloadavg()[0]]),
+        "machine": machine_info(cpu=cpu_model(), malloc_tuned=tuned, device=str(DEVICE),
+                                gpu=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
+                                loadavg_1min_before_after=[load_before, os.getloadavg()[0]],
+                                loadavg_1_5_15_after=list(os.getloadavg())),
     }
     write_result(args.out, result)
     return 0

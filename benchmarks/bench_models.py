@@ -21,7 +21,10 @@ interleaved within a round so that load from other processes hits every model al
 is); on a loaded 2-core machine one thread is the robust choice for these small tensors. Writes
 ``benchmarks/results/models.json`` atomically and prints a table.
 
-Run: ``.venv/bin/python benchmarks/bench_models.py [--quick] [--threads 1 2]``
+``--device cuda`` runs the models, the oracle and the training steps on the GPU (the ``train()``
+loop runs wherever accelerate puts it: the GPU when there is one).
+
+Run: ``.venv/bin/python benchmarks/bench_models.py [--quick] [--threads 1 2] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ CASES: dict[str, dict[str, int]] = {
 }
 WIDTH = 64
 TRAIN_BATCH = 128
+DEVICE = torch.device("cpu")  # --device: models and inputs are built on the CPU, then moved here
+
+
+def timed(fns: dict[str, Callable[[], Any]]) -> dict[str, Callable[[], Any]]:
+    """On CUDA, each call waits for the GPU to finish (kernels are asynchronous), so the times are real."""
+    if DEVICE.type != "cuda":
+        return fns
+    return {k: (lambda f=f: (f(), torch.cuda.synchronize(DEVICE))) for k, f in fns.items()}
 
 
 def make_models(c: dict[str, int]) -> tuple[GHM, dict[str, Any]]:
@@ -58,9 +69,9 @@ def make_models(c: dict[str, int]) -> tuple[GHM, dict[str, Any]]:
         "tree_unet": TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).eval(),
         "unet1d": UNet1DBaseline(c["v"], "masking", c["s"], c["L"]).eval(),
         "bp_unet": BPUNet.from_ghm(ghm, "masking").eval(),
-        "bp_oracle": BPDenoiser(ghm, MaskingProcess(c["v"])),
+        "bp_oracle": BPDenoiser(ghm.to(DEVICE), MaskingProcess(c["v"])),
     }
-    return ghm, models
+    return ghm, {k: m.to(DEVICE) if isinstance(m, torch.nn.Module) else m for k, m in models.items()}
 
 
 def num_params(model: Any) -> int | None:
@@ -73,8 +84,9 @@ def forward_case(name: str, c: dict[str, int], repeats: int) -> list[dict[str, A
     x0 = ghm.sample(c["batch"], generator=g)
     alpha = torch.rand(c["batch"], generator=g)
     x_t = MaskingProcess(c["v"]).add_noise(x0, alpha, generator=g)
+    x_t, alpha = x_t.to(DEVICE), alpha.to(DEVICE)
     with torch.inference_mode():
-        times = bench({k: (lambda m=m: m(x_t, alpha)) for k, m in models.items()}, repeats)
+        times = bench(timed({k: (lambda m=m: m(x_t, alpha)) for k, m in models.items()}), repeats)
     oracle = times["bp_oracle"]["median"]
     return [{"case": name, **c, "leaves": ghm.num_leaves, "model": k, "params": num_params(m),
              "ms": times[k]["median"], "ms_min": times[k]["min"], "x_oracle": times[k]["median"] / oracle}
@@ -84,11 +96,13 @@ def forward_case(name: str, c: dict[str, int], repeats: int) -> list[dict[str, A
 def train_step_fn(model: torch.nn.Module, ghm: GHM, opt: torch.optim.Optimizer, seed: int) -> Callable[[], None]:
     """One step: fresh alpha and masking noise on a fixed batch, forward, nll, backward, AdamW."""
     g = torch.Generator().manual_seed(seed)
-    x0 = ghm.sample(TRAIN_BATCH, generator=g)
+    x0 = ghm.sample(TRAIN_BATCH, generator=g).to(DEVICE)
+    if DEVICE.type != "cpu":  # the step's draws come from a generator on the device
+        g = torch.Generator(DEVICE).manual_seed(seed)
     process = model.process
 
     def step() -> None:
-        alpha = torch.rand(TRAIN_BATCH, generator=g)
+        alpha = torch.rand(TRAIN_BATCH, generator=g, device=DEVICE)
         loss = F.nll_loss(model(process.add_noise(x0, alpha, generator=g), alpha), x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,15 +116,15 @@ def training(repeats: int) -> list[dict[str, Any]]:
     ghm, models = make_models(c)
     tree, unet = models["tree_unet"].train(), models["unet1d"].train()
     torch.manual_seed(0)
-    bp_unet = BPUNet(c["v"], "masking", c["s"], c["L"], num_rules=c["m"]).train()
-    tree_default = TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).train()
+    bp_unet = BPUNet(c["v"], "masking", c["s"], c["L"], num_rules=c["m"]).train().to(DEVICE)
+    tree_default = TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).train().to(DEVICE)
     runs = {
         "tree_unet/adamw-fused": (tree, torch.optim.AdamW(tree.parameters(), lr=1e-3, fused=True)),
         "tree_unet/adamw-default": (tree_default, torch.optim.AdamW(tree_default.parameters(), lr=1e-3)),
         "unet1d/adamw-fused": (unet, torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)),
         "bp_unet/adamw-fused": (bp_unet, torch.optim.AdamW(bp_unet.parameters(), lr=1e-3, fused=True)),
     }
-    times = bench({k: train_step_fn(m, ghm, opt, seed=2) for k, (m, opt) in runs.items()}, repeats)
+    times = bench(timed({k: train_step_fn(m, ghm, opt, seed=2) for k, (m, opt) in runs.items()}), repeats)
     return [{"case": "demo", **c, "batch": TRAIN_BATCH, "run": k, "params": num_params(m), "ms_per_step": times[k]["median"],
              "ms_per_step_min": times[k]["min"], "steps_per_s": 1e3 / times[k]["median"]} for k, (m, _) in runs.items()]
 
@@ -137,8 +151,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch intra-op thread counts to run, e.g. 1 2 (default: as is)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "models.json"))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats
     tuned, load_before = prepare_run()
     rows, train_rows = [], []
@@ -163,7 +180,9 @@ def main() -> int:
         "benchmark": "learned denoisers vs the BP oracle: forward ms (masking noise) and training ms/step",
         "repeats": repeats, "statistic": "median (and min) of interleaved rounds after one warm-up",
         "width": WIDTH, "forward": rows, "training": train_rows,
-        "machine": machine_info(malloc_tuned=tuned, loadavg_1min_before_after=[load_before, os.getloadavg()[0]]),
+        "machine": machine_info(malloc_tuned=tuned, loadavg_1min_before_after=[load_before, os.getloadavg()[0]],
+                                device=str(DEVICE),
+                                gpu=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None),
     }
     write_result(args.out, result)
     return 0

@@ -190,11 +190,21 @@ def _compare(args: argparse.Namespace) -> int:
 
     from hdiff.experiments.compare import run_compare
     from hdiff.experiments.compare_config import load_compare_config
+    from hdiff.experiments.executors import make_executor
     from hdiff.experiments.report import headline
 
+    if args.executor != "ray" and (args.cpus_per_task is not None or args.gpus_per_task is not None):
+        raise UsageError("--cpus-per-task and --gpus-per-task are Ray's: they need --executor ray", "hdiff compare")
     cfg = load_compare_config(args.config)
+    try:
+        executor = make_executor(args.executor, workers=cfg.compare.workers, address=args.address,
+                                 num_cpus_per_task=1 if args.cpus_per_task is None else args.cpus_per_task,
+                                 num_gpus_per_task=0 if args.gpus_per_task is None else args.gpus_per_task)
+    except ImportError as e:  # Ray missing: a usage error naming the extra to install
+        raise UsageError(f"--executor ray: {e}", "hdiff compare") from None
     start = time.monotonic()
-    metrics = run_compare(cfg, args.out, progress=None if not args.quiet else False, overwrite=args.overwrite)
+    metrics = run_compare(cfg, args.out, progress=None if not args.quiet else False, overwrite=args.overwrite,
+                          executor=executor)
     head, body = headline(metrics)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
     for line in [head, *body]:
@@ -280,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp.add_argument("--overwrite", action="store_true",
                      help="delete and retrain a cell's run directory that holds another config's run")
+    cmp.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="where the learned cells train: local (compare.workers processes; the default) or ray "
+                          "(one Ray task per cell; needs pip install 'hdiff[ray]')")
+    cmp.add_argument("--address", default=None,
+                     help="with --executor ray: the Ray cluster to join (ray.init(address=...), e.g. auto or "
+                          "HOST:PORT; its nodes must see --out at the same path); default: RAY_ADDRESS, else a "
+                          "local Ray")
+    cmp.add_argument("--cpus-per-task", type=float, default=None,
+                     help="with --executor ray: CPUs per training task, also its torch threads (default 1)")
+    cmp.add_argument("--gpus-per-task", type=float, default=None,
+                     help="with --executor ray: GPUs per training task (default 0; a fraction shares one GPU)")
     cmp.set_defaults(func=_compare)
 
     trn = sub.add_parser("train", parents=[common],
@@ -334,7 +355,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hdiff`` console script; returns the exit status (see the module docstring)."""
-    from hdiff.runtime import keep_freed_memory
+    from hdiff.runtime import configure_threads, keep_freed_memory
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("HDIFF_DEBUG", "").strip() not in ("", "0") or "--debug" in argv
@@ -349,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if isinstance(e.code, (int, type(None))) else 2
     keep_freed_memory()  # BP's temporaries are reused instead of page-faulted in on every call
     try:
+        # threads = idle cores less a spare, OMP_WAIT_POLICY=PASSIVE, unless the user set them (docs/performance.md);
+        # before any torch work, so that the thread pool starts with the chosen size
+        configure_threads()
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line each, like the errors
             return args.func(args)

@@ -43,7 +43,7 @@ COMMANDS = ("train", "compare", "sample", "classify", "probe", "demo", "width")
 #: that identify a directory written before owner files existed as that command's (a legacy directory)
 _OUTPUTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "train": (frozenset({"config.toml", "ghm", "log.jsonl", "train_meta.json", "checkpoints", "model", "model_raw",
-                         "pipeline.json", "scheduler", "snapshots"}),
+                         "pipeline.json", "scheduler", "snapshots", "tracking"}),
               frozenset({"train_meta.json", "checkpoints", "model", "log.jsonl"})),
     "compare": (frozenset({"config.toml", "cells", "runs", "samples", "metrics.json", "metrics.csv", "report.html",
                            "report.md", "*.png"}), frozenset({"cells", "runs"})),

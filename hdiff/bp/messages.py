@@ -24,20 +24,25 @@ Each family provides vectorised operations over (batch, nodes); the caller loops
   ``(C, s*M)`` -> ``(A, M)`` with ``M = N_parent * B`` and the per-column shift ``(M,)``
   (consumes ``x_children``);
 - ``downward(kernel, p_parents, cache) -> p_children``: posterior marginals top-down;
-- ``sample_down(kernel, parents, cache, generator) -> children``: exact joint posterior sampling.
+- ``sample_down(kernel, parents, cache, u) -> children``: exact joint posterior sampling from the
+  uniforms ``u`` (shape :func:`draw_shape`), which the caller draws from its generator.
+
+Every data-dependent choice of a path (probability or log space, an exact log-space redo) goes
+through :func:`decide`: alone it returns the level's own choice; a chunked run (:mod:`hdiff.bp.propagation`)
+installs a decider that makes every chunk take the choice the whole batch would take.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import NamedTuple
 
 import torch
 
-from hdiff.ghm._random import categorical
 from hdiff.ghm.kernels import FactorizedKernel, ProductionKernel
 
 @dataclass(frozen=True)
@@ -92,6 +97,20 @@ _TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.fi
 REDO = 1e-30
 
 _CONSTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+#: set by a chunked run for the level being computed: ``(index of the choice in the level, fast path allowed
+#: by this chunk's data) -> take the fast path``; None (the default) takes the level's own choice
+DECIDER: ContextVar = ContextVar("hdiff_bp_decider", default=None)
+
+
+def decide(index: int, fast_ok: bool) -> bool:
+    """Whether to take the fast path at the level's ``index``-th data-dependent choice.
+
+    ``fast_ok`` is what this call's data allow: the fast path (probability space, no log-space redo)
+    is exact only then. The other path is exact always, so a decider may force it.
+    """
+    decider = DECIDER.get()
+    return fast_ok if decider is None else decider(index, fast_ok)
 
 
 def _cached(kernel, dtype: torch.dtype, device: torch.device, build):
@@ -163,11 +182,25 @@ def shift_to_max0(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return h, mx
 
 
+def sum_dim(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """Sum over a short ``dim`` in a fixed order (index 0, 1, 2, ...): each column's result depends on
+    that column alone. ``torch.sum`` picks its summation order from the whole tensor's shape, so the
+    same column can round differently in a call with fewer batch rows; chunked BP must not."""
+    n = x.shape[dim]
+    if n == 1:
+        out = x.select(dim, 0).clone()
+    else:
+        out = x.select(dim, 0) + x.select(dim, 1)
+        for i in range(2, n):
+            out += x.select(dim, i)
+    return out.unsqueeze(dim) if keepdim else out
+
+
 def logsumexp_and_softmax(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logsumexp, softmax)`` of ``g`` along ``dim``, consuming ``g``; all-``-inf`` slices give ``(-inf, 0)``."""
     mx = g.amax(dim, keepdim=True)
     e = g.sub_(finite_shift(mx)).exp_()
-    total = e.sum(dim, keepdim=True)
+    total = sum_dim(e, dim, keepdim=True)
     e.div_(total.clamp_min(1.0))  # a slice with mass has an entry exp(0) = 1: total is 0 or >= 1
     return (mx + total.log()).squeeze(dim), e
 
@@ -190,9 +223,29 @@ def downward(kernel, p: torch.Tensor, cache) -> torch.Tensor:
 
 
 @singledispatch
-def sample_down(kernel, parents: torch.Tensor, cache, generator: torch.Generator | None) -> torch.Tensor:
-    """Parents' sampled symbols ``(M,)`` -> children ``(s*M,)`` drawn from the posterior."""
+def sample_down(kernel, parents: torch.Tensor, cache, u: torch.Tensor) -> torch.Tensor:
+    """Parents' sampled symbols ``(M,)`` -> children ``(s*M,)`` drawn from the posterior with uniforms ``u``."""
     raise TypeError(f"no BP rule for kernel type {type(kernel).__name__}")
+
+
+@singledispatch
+def draw_shape(kernel, M: int) -> tuple[int, ...]:
+    """Shape of the uniforms :func:`sample_down` takes for ``M`` parent columns (what
+    :func:`hdiff.ghm._random.categorical` would draw): one per column and draw, in internal column order."""
+    raise TypeError(f"no BP rule for kernel type {type(kernel).__name__}")
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of ``probs`` ``(..., K)`` (any scale) with uniforms ``u`` ``(..., 1)``.
+
+    The same arithmetic as :func:`hdiff.ghm._random.categorical` given its uniforms: an entry with zero
+    mass is never drawn while its row has mass, and rounding onto the last cdf value is clamped.
+    """
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    k = probs.shape[-1]
+    last = torch.where(probs > 0, torch.arange(k, device=probs.device), 0).amax(-1)
+    return torch.minimum(idx, last)
 
 
 def to_log(x: torch.Tensor, prob: bool) -> torch.Tensor:
@@ -204,29 +257,49 @@ def to_log(x: torch.Tensor, prob: bool) -> torch.Tensor:
 @upward.register
 def _(k: ProductionKernel, x: torch.Tensor, prob: bool):
     # Inside recursion: h(a) = logsumexp_r [log w[a, r] + sum_j h_j(rules[a, r, j])].
+    if decide(0, production_prob_ok(k, x, prob)):
+        return production_up_prob(k, x, prob)
+    return production_up_log(k, x, prob)
+
+
+def production_prob_ok(k: ProductionKernel, x: torch.Tensor, prob: bool, spread: float | None = None) -> bool:
+    """Whether probability space is exact for this production level (the spread bound, docs/bp.md)."""
+    c = _production_consts(k, x.dtype, x.device)
+    if spread is None:
+        spread = prob_spread_of(x) if prob else spread_of(x)
+    return k.branching * spread + c.log_inv_min_weight <= SAFE_RANGE[x.dtype]
+
+
+def production_up_prob(k: ProductionKernel, x: torch.Tensor, prob: bool):
+    """The probability-space production level (only where :func:`production_prob_ok`); consumes ``x``."""
+    # Every child entry is 0 or within `spread` nats of its node's max, so no product of s of them
+    # (times a weight), nor a parent entry relative to its node's max, can leave the normal float
+    # range: probability space is exact here. The parents stay in probability form (max 1 per
+    # column), so the next level needs no exp either.
     c = _production_consts(k, x.dtype, x.device)
     C, A, m, s = k.num_children, k.num_parents, k.num_rules, k.branching
     M = x.shape[1] // s
-    spread = prob_spread_of(x) if prob else spread_of(x)
-    if s * spread + c.log_inv_min_weight <= SAFE_RANGE[x.dtype]:
-        # Every child entry is 0 or within `spread` nats of its node's max, so no product of s of them
-        # (times a weight), nor a parent entry relative to its node's max, can leave the normal float
-        # range: probability space is exact here. The parents stay in probability form (max 1 per
-        # column), so the next level needs no exp either.
-        rows = (x if prob else x.exp_()).view(C * s, M)  # x is consumed: no new level-sized buffer
-        terms = rows.index_select(0, c.gather[0])
-        for j in range(1, s):
-            terms.mul_(rows.index_select(0, c.gather[j]))
-        terms = terms.view(A, m, M)
-        if c.weights is not None:
-            terms.mul_(c.weights)
-        total = terms.sum(1)
-        mx = total.amax(0)
-        u_parent = total / mx.clamp_min(_TINY[x.dtype])  # a positive max is >= e^-SAFE_RANGE > tiny: unchanged
-        shift = mx.log()  # -inf for columns without mass (impossible evidence)
-        if c.weights is None:
-            shift.add_(c.log_weight)  # equal weights were left out of the sums
-        return u_parent, True, shift, ProductionCache(terms, total)  # p(r | a, below) = terms / total, left undivided
+    rows = (x if prob else x.exp_()).view(C * s, M)  # x is consumed: no new level-sized buffer
+    terms = rows.index_select(0, c.gather[0])
+    for j in range(1, s):
+        terms.mul_(rows.index_select(0, c.gather[j]))
+    terms = terms.view(A, m, M)
+    if c.weights is not None:
+        terms.mul_(c.weights)
+    total = sum_dim(terms, 1)
+    mx = total.amax(0)
+    u_parent = total / mx.clamp_min(_TINY[x.dtype])  # a positive max is >= e^-SAFE_RANGE > tiny: unchanged
+    shift = mx.log()  # -inf for columns without mass (impossible evidence)
+    if c.weights is None:
+        shift.add_(c.log_weight)  # equal weights were left out of the sums
+    return u_parent, True, shift, ProductionCache(terms, total)  # p(r | a, below) = terms / total, left undivided
+
+
+def production_up_log(k: ProductionKernel, x: torch.Tensor, prob: bool):
+    """The log-space production level (exact for any evidence)."""
+    c = _production_consts(k, x.dtype, x.device)
+    C, A, m, s = k.num_children, k.num_parents, k.num_rules, k.branching
+    M = x.shape[1] // s
     g_rows = to_log(x, prob).view(C * s, M)
     g = g_rows.index_select(0, c.gather[0])
     for j in range(1, s):  # sums over siblings, one gathered term at a time (s is 2 or 4)
@@ -258,13 +331,18 @@ def _(k: ProductionKernel, p: torch.Tensor, cache: ProductionCache) -> torch.Ten
 
 
 @sample_down.register
-def _(k: ProductionKernel, parents: torch.Tensor, cache: ProductionCache, generator) -> torch.Tensor:
-    rule_mass = cache.rule_mass  # p(r | a, below), possibly unnormalised: categorical takes any scale
+def _(k: ProductionKernel, parents: torch.Tensor, cache: ProductionCache, u: torch.Tensor) -> torch.Tensor:
+    rule_mass = cache.rule_mass  # p(r | a, below), possibly unnormalised: the inverse cdf takes any scale
     c = _production_consts(k, rule_mass.dtype, rule_mass.device)
     M = parents.shape[0]
     probs = rule_mass.gather(0, parents.view(1, 1, M).expand(1, k.num_rules, M)).squeeze(0).T  # (M, m)
-    rule = categorical(probs, generator=generator)
+    rule = inverse_cdf(probs, u)
     return c.rules[parents, rule].T.reshape(-1)  # (s, M): child j of column x at j * M + x
+
+
+@draw_shape.register
+def _(k: ProductionKernel, M: int) -> tuple[int, ...]:
+    return (M, 1)  # one rule per parent column
 
 
 # --------------------------------------------------------------------------- factorized
@@ -277,16 +355,15 @@ def _(k: FactorizedKernel, x: torch.Tensor, prob: bool):
     h = to_log(x, prob)
     t = _transitions(k, h.dtype, h.device)
     C, s = k.num_children, k.branching
-    fast = spread_of(h) + _log_inv_min_positive(k, t) <= SAFE_RANGE[h.dtype]
+    fast = decide(0, spread_of(h) + _log_inv_min_positive(k, t) <= SAFE_RANGE[h.dtype])
     hj = h.view(C, s, -1).transpose(0, 1)  # (s, C, M)
     u = hj.exp()
     q = torch.matmul(t, u)  # (s, A, M)
-    if not fast and bool((q < REDO).any()):
-        log_t = torch.where(t > 0, t.log(), -math.inf)
-        log_q = torch.logsumexp(log_t.unsqueeze(-1) + hj.unsqueeze(1), dim=2)  # (s, A, C, M) -> (s, A, M)
+    if not fast and not decide(1, not bool((q < REDO).any())):
+        log_q = log_matmul(torch.where(t > 0, t.log(), -math.inf), hj)  # exact log-space sum over b
     else:
         log_q = q.log()
-    h_parent, shift = shift_to_max0(log_q.sum(0))
+    h_parent, shift = shift_to_max0(sum_dim(log_q, 0))
     return h_parent, False, shift, FactorizedCache(hj, log_q, u if fast else None, q if fast else None)
 
 
@@ -303,14 +380,31 @@ def _(k: FactorizedKernel, p: torch.Tensor, cache: FactorizedCache) -> torch.Ten
     log_r = torch.where((pp > 0) & (log_q > -math.inf), pp.log() - log_q, -math.inf)  # (s, A, M); p = 0 wherever q = 0
     mx = log_r.amax(1, keepdim=True)
     w = torch.matmul(t.transpose(1, 2), (log_r - finite_shift(mx)).exp_())  # (s, C, M)
-    if bool((w < REDO).any()):  # some b sees only terms far below the max over a: exact log-space sum
-        log_t = torch.where(t > 0, t.log(), -math.inf).transpose(1, 2)  # (s, C, A)
-        log_w = torch.logsumexp(log_t.unsqueeze(-1) + log_r.unsqueeze(1), dim=2)  # (s, C, M)
+    if not decide(0, not bool((w < REDO).any())):  # some b sees only terms far below the max over a: exact
+        log_w = log_matmul(torch.where(t > 0, t.log(), -math.inf).transpose(1, 2), log_r)  # log-space sum
     else:
         log_w = w.log_() + mx
     logit = hj + log_w
     _, child = logsumexp_and_softmax(logit, 1)
     return child.transpose(0, 1).reshape(k.num_children, -1)
+
+
+def log_matmul(log_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``out[j, a, x] = logsumexp_b (log_t[j, a, b] + h[j, b, x])`` exactly, for ``(s, A, C)`` and ``(s, C, M)``.
+
+    A loop over ``b`` (this is the rare exact path): temporaries of the output's size, never
+    ``(s, A, C, M)``, and a fixed summation order per column.
+    """
+    C = log_t.shape[-1]
+    lt = log_t.unsqueeze(-1)  # (s, A, C, 1)
+    mx = lt[:, :, 0] + h[:, None, 0]  # (s, A, M)
+    for b in range(1, C):
+        torch.maximum(mx, lt[:, :, b] + h[:, None, b], out=mx)
+    shift = finite_shift(mx)
+    acc = torch.zeros_like(mx)
+    for b in range(C):
+        acc += (lt[:, :, b] + h[:, None, b]).sub_(shift).exp_()
+    return acc.log_().add_(mx)
 
 
 def _log_inv_min_positive(k: FactorizedKernel, t: torch.Tensor) -> float:
@@ -319,9 +413,14 @@ def _log_inv_min_positive(k: FactorizedKernel, t: torch.Tensor) -> float:
 
 
 @sample_down.register
-def _(k: FactorizedKernel, parents: torch.Tensor, cache: FactorizedCache, generator) -> torch.Tensor:
+def _(k: FactorizedKernel, parents: torch.Tensor, cache: FactorizedCache, u: torch.Tensor) -> torch.Tensor:
     hj = cache.child_log
     t = _transitions(k, hj.dtype, hj.device)
     logit = torch.where(t > 0, t.log(), -math.inf)[:, parents] + hj.transpose(1, 2)  # (s, M, C): T_j(a, b) exp(h_j(b))
     _, probs = logsumexp_and_softmax(logit, -1)
-    return categorical(probs, generator=generator).reshape(-1)
+    return inverse_cdf(probs, u).reshape(-1)
+
+
+@draw_shape.register
+def _(k: FactorizedKernel, M: int) -> tuple[int, ...]:
+    return (k.branching, M, 1)  # one symbol per child: child j of column x at j * M + x

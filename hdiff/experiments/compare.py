@@ -28,11 +28,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from tqdm.auto import tqdm
 
 from hdiff.denoisers import BPDenoiser
 from hdiff.experiments.compare_config import CompareConfig, SamplerSpec
+from hdiff.experiments.executors import Executor, LocalExecutor
 from hdiff.metrics.likelihood import nelbo
 from hdiff.metrics import posterior_kl, sample_quality
 from hdiff.metrics.message_probes import message_probes, summarise_probes
@@ -103,12 +102,15 @@ class Sweep:
         cfg: the config.
         out: the output directory.
         progress: show progress bars (None: on a terminal only).
+        executor: where the learned cells train (:mod:`.executors`); None: a
+            :class:`~hdiff.experiments.executors.LocalExecutor` of ``compare.workers`` processes.
     """
 
     def __init__(self, cfg: CompareConfig, out: str | os.PathLike, *, progress: bool | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, executor: Executor | None = None) -> None:
         self.cfg, self.out = cfg, check_output_dir(out, "compare")  # refused before any work or write
         self.show, self.overwrite = progress, overwrite
+        self.executor = executor if executor is not None else LocalExecutor(cfg.compare.workers)
         self.ghm = cfg.train.ghm.build()
         self.ghm_sha256 = self.ghm.sha256()
         self.process = get_process(cfg.train.noise.process, self.ghm.vocab_size)
@@ -155,7 +157,8 @@ class Sweep:
         trained = None if denoiser in (ORACLE, REFERENCE) else dataclasses.asdict(self.train_config(denoiser, n))
         return _fingerprint({"ghm": dataclasses.asdict(self.cfg.train.ghm), "ghm_sha256": self.ghm_sha256,
                              "noise": dataclasses.asdict(self.cfg.train.noise),
-                             "data": [self.cfg.train.data.data_seed, self.cfg.train.data.n_heldout],
+                             # the held-out set excludes the largest training set, so it depends on max(n_train)
+                             "data": [self.cfg.train.data.data_seed, self.cfg.train.data.n_heldout, max(c.n_train)],
                              "n": n, "denoiser": denoiser, "trained": trained, "evaluation": evaluation})
 
     def load_cell(self, denoiser: str, n: int) -> dict | None:
@@ -317,24 +320,21 @@ class Sweep:
                               "unmasking": s.unmasking} for s in self.cfg.compare.samplers]}
 
     def train_all(self, cells: list[tuple[str, int]]) -> None:
-        """Train the learned models of ``cells`` in ``compare.workers`` one-thread processes, longest first.
+        """Train the unfinished learned models of ``cells`` with the sweep's executor, longest first.
 
-        Each worker takes its own run directory's lock (``train`` owns those), under the sweep's lock.
+        The local executor (the default) runs ``compare.workers`` one-thread processes, and nothing
+        with fewer than two workers or two jobs (``run_cell`` then trains each cell in order); the
+        Ray executor runs one task per cell (:mod:`.executors`). Each job takes its own run
+        directory's lock (``train`` owns those), under the sweep's lock.
         """
         unique = {self.run_dir(d, n): self.train_config(d, n) for d, n in cells if d not in (ORACLE, REFERENCE)}
         jobs = sorted(((tcfg, run_dir) for run_dir, tcfg in unique.items()),
                       key=lambda job: -job[0].optim.max_steps * job[0].optim.batch_size)
         jobs = [(tcfg, run_dir) for tcfg, run_dir in jobs if not _finished(tcfg, run_dir)]
-        if len(jobs) < 2 or self.cfg.compare.workers < 2:
+        if not self.executor.takes(len(jobs)):
             return  # trained in order by run_cell
-        context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start is unsafe
-        with ProcessPoolExecutor(max_workers=self.cfg.compare.workers, mp_context=context,
-                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            futures = [pool.submit(_train_worker, dataclasses.asdict(tcfg), str(run_dir), self.overwrite)
-                       for tcfg, run_dir in jobs]
-            show = self.show if self.show is not None else os.isatty(2)
-            for future in tqdm(as_completed(futures), total=len(futures), desc="train", disable=not show):
-                future.result()  # re-raises a worker's error (a divergence names its cell)
+        self.executor.run([(dataclasses.asdict(tcfg), str(run_dir), self.overwrite) for tcfg, run_dir in jobs],
+                          progress=self.show)
 
     def run(self) -> dict[str, Any]:
         """Every cell (skipping finished ones), then the metrics files and the report, under ``OUT``'s lock."""
@@ -411,34 +411,17 @@ def train_cell(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None,
     return read_json(run_dir / "train_meta.json")
 
 
-def _train_worker(cfg: dict, run_dir: str, overwrite: bool = False) -> None:
-    """Process-pool entry point: one thread, then :func:`train_cell`."""
+def _train_worker(cfg: dict, run_dir: str, overwrite: bool = False, *, threads: int = 1) -> None:
+    """An executor's entry point (:mod:`.executors`): ``threads`` torch threads, then :func:`train_cell`."""
     from hdiff.runtime import keep_freed_memory
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     keep_freed_memory()
     train_cell(train_config_from_dict(cfg), Path(run_dir), progress=False, overwrite=overwrite)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Pool initializer: a daemon thread ends this worker once the sweep's process is gone.
-
-    A sweep killed by a signal (not Ctrl-C, which reaches the whole process group) would otherwise
-    leave its workers training, or blocked forever waiting for work; checkpoints already on disk
-    survive, and the next run resumes from them.
-    """
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def run_compare(cfg: CompareConfig, out: str | os.PathLike, *, progress: bool | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, executor: Executor | None = None) -> dict[str, Any]:
     """Run (or finish) the comparison into ``out``; returns what ``metrics.json`` holds.
 
     Args:
@@ -447,8 +430,10 @@ def run_compare(cfg: CompareConfig, out: str | os.PathLike, *, progress: bool | 
         progress: show progress bars (None: on a terminal only).
         overwrite: a cell's run directory holding another config's run is deleted and retrained
             (without it, that is an error); nothing else is ever deleted.
+        executor: where the learned cells train (:mod:`.executors`: ``LocalExecutor``, ``RayExecutor``);
+            None: ``compare.workers`` local processes. The results do not depend on it.
     """
-    return Sweep(cfg, out, progress=progress, overwrite=overwrite).run()
+    return Sweep(cfg, out, progress=progress, overwrite=overwrite, executor=executor).run()
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:

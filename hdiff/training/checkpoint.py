@@ -153,9 +153,10 @@ def save_checkpoint(accelerator, out: str | os.PathLike, step: int, process_stat
 def load_checkpoint(accelerator, path: Path, ema: Any) -> dict[str, Any]:
     """Restore accelerate's state and the EMA from ``path``; return this process's own saved state.
 
-    A run resumed on more processes than it was saved with has no state file for the new ones;
-    they get process 0's counters and ``noise_rng = None`` (the caller reseeds): the curve then
-    continues, but not bit-identically. Checkpoints of format 1 load too, without unpickling:
+    The state also holds ``num_processes``, how many processes saved the checkpoint (None if its
+    marker does not say). A run resumed on more processes than it was saved with has no state file
+    for the new ones; they get process 0's counters and ``noise_rng = None`` (the caller reseeds):
+    the curve then continues, but not bit-identically. Checkpoints of format 1 load too, without unpickling:
     their EMA and process files are read with ``torch.load(weights_only=True)``.
     """
     marker = read_json(path / _MARKER)
@@ -174,7 +175,7 @@ def load_checkpoint(accelerator, path: Path, ema: Any) -> dict[str, Any]:
     if state is None:
         state = _process_state(path, 0)
         state["noise_rng"] = None
-    return state
+    return {**state, "num_processes": marker.get("num_processes")}
 
 
 def _process_state(path: Path, index: int) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +98,17 @@ class RunConfig:
 
     ``snapshot_steps``: steps at which the EMA weights are also saved to ``OUT/snapshots/step_XXXXXX/``
     (``save_pretrained``), for evaluating a run along its training time.
+
+    ``log_with``: experiment tracking besides ``log.jsonl``: ``"none"`` (the default: nothing else),
+    or the name of a tracker accelerate supports (``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ...),
+    or a list of them. Every ``log.jsonl`` record goes to each tracker at its step; trackers that
+    write files write under ``OUT/tracking/`` (TensorBoard: ``OUT/tracking/<project_name>/``).
+    ``project_name``: the trackers' project (the wandb / comet project, the TensorBoard folder).
+
+    ``mixed_precision``: ``"bf16"`` / ``"fp16"`` autocast of the model's forward pass (accelerate);
+    fp16 needs a CUDA GPU (its gradient scaler skips overflowing steps), bf16 also runs on CPU.
+    ``compile``: ``torch.compile`` the model for training (never the default: compiling costs tens
+    of seconds up front; evaluation and the saved weights are unaffected).
     """
 
     seed: int = 0
@@ -106,7 +118,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     num_workers: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    compile: bool = False  # opt-in torch.compile of the training step's model (docs/performance.md)
     snapshot_steps: list[int] = field(default_factory=list)
+    log_with: str | list[str] = "none"
+    project_name: str = "hdiff"
 
 
 @dataclass
@@ -142,6 +157,10 @@ class TrainConfig:
         if self.data.n_train < self.optim.batch_size and not self.data.fresh:
             raise ValueError(f"data.n_train ({self.data.n_train}) must be at least optim.batch_size "
                              f"({self.optim.batch_size}): every step draws a full batch from the training set")
+        tracker_names(self.run.log_with)  # raises naming run.log_with
+        if not _NAME.match(self.run.project_name):
+            raise ValueError("run.project_name must be a name of letters, digits, '.', '_' and '-' (it names a "
+                             f"folder), got {self.run.project_name!r}")
         o = self.optim
         if not o.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {o.lr}")
@@ -181,6 +200,28 @@ class TrainConfig:
                 raise ValueError(f"unknown config field {name!r}")
             setattr(target, key, value)
         return from_dict(TrainConfig, dataclasses.asdict(new), "config")  # re-checks types and values
+
+
+def tracker_names(log_with: str | list[str]) -> list[str]:
+    """The trackers ``run.log_with`` names, as a list (``[]`` for ``"none"``).
+
+    Raises:
+        ValueError: naming ``run.log_with``: a name accelerate does not know (or ``"none"`` / ``"all"``
+            in a list, or a name twice).
+    """
+    names = [log_with] if isinstance(log_with, str) else list(log_with)
+    if names in ([], ["none"]):
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    if any(n not in known for n in names) or len(set(names)) != len(names):
+        raise ValueError(f'run.log_with must be "none" or one of {known} (or a list of distinct ones), '
+                         f"got {log_with!r}")
+    return names
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

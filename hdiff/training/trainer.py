@@ -1,8 +1,18 @@
 """The training loop: accelerate, AdamW, warmup + cosine, clipping, EMA, checkpoints, resume.
 
-Single CPU process by default; the same code runs under ``accelerate launch`` on GPUs or nodes
-(each process draws ``optim.batch_size`` samples per step, so the global batch is that times the
-number of processes). Structure after diffusers' ``train_unconditional.py``.
+Single CPU process by default; the same code runs under ``torchrun`` / ``accelerate launch`` on
+several processes, GPUs or nodes (docs/scaling.md): each process trains on ``optim.batch_size``
+samples per step, so the global batch is that times the number of processes ``P``. On a fixed
+training set the global batch of step ``s`` is batch ``s`` of the data order of a one-process run
+with ``optim.batch_size * P`` (:class:`_GlobalBatchShards`), cut into ``P`` disjoint shards, one per
+process; DDP averages the gradients, so ``P`` processes train like one process with the global
+batch (the noise draws differ: each process has its own generator). Only the main process writes
+files (``log.jsonl``, trackers, ``model/``, ``train_meta.json``, checkpoints' shared parts) and
+reports. Structure after diffusers' ``train_unconditional.py``.
+
+Experiment tracking: ``[run] log_with = "tensorboard"`` (or any tracker accelerate supports, or a
+list of them) also sends every ``log.jsonl`` record to that tracker, with the same names and steps;
+local trackers write under ``OUT/tracking/`` (TensorBoard: ``OUT/tracking/<run.project_name>/``).
 
 Reproducibility: every random draw of a step comes from state the checkpoint holds: the weights
 init (``run.seed``), the data order (a pure function of ``(run.seed, batch index)``, see
@@ -15,6 +25,8 @@ uninterrupted one, and its ``log.jsonl`` has the same records.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -24,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from hdiff.denoisers import BPDenoiser
@@ -33,7 +45,7 @@ from hdiff.runs import check_output_dir, output_dir
 from hdiff.training.artifacts import (MODEL_DIR, RAW_MODEL_DIR, SNAPSHOT_DIR, save_final, save_pretrained_atomic,
                                      write_run_description)
 from hdiff.training.checkpoint import JsonlLog, load_checkpoint, save_checkpoint
-from hdiff.training.config import TrainConfig
+from hdiff.training.config import TrainConfig, tracker_names
 from hdiff.training.data import GHMDataset, StepBatchSampler, identity_collate, stream_seed
 from hdiff.training.fresh import FreshBatchSampler, FreshGHMDataset, stack_collate
 from hdiff.training.loss import diffusion_loss, evaluation_loss
@@ -43,6 +55,8 @@ from hdiff.training.rundir import (RESUMABLE_FIELDS, TrainingDiverged, config_di
 
 # sub-streams of run.seed, so that no two random sources share a sequence
 _NOISE_STREAM, _EVAL_STREAM = 1000, 999
+#: where trackers that write files (TensorBoard, ...) write, inside the run directory
+TRACKING_DIR = "tracking"
 # RESUMABLE_FIELDS and config_differences live in rundir; re-exported here, where callers found them before
 __all__ = ["train", "TrainResult", "TrainingDiverged", "RESUMABLE_FIELDS", "config_differences"]
 
@@ -68,11 +82,59 @@ class TrainResult:
     time_s: float
 
 
-def _make_accelerator(cfg: TrainConfig):
+def _make_accelerator(cfg: TrainConfig, out: Path):
     from accelerate import Accelerator
 
+    kw = {}
+    if tracker_names(cfg.run.log_with):
+        from accelerate.utils import ProjectConfiguration
+
+        kw = dict(log_with=tracker_names(cfg.run.log_with),
+                  project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / TRACKING_DIR)))
+    _reset_precision(cfg.run.mixed_precision)
     # cpu=True when there is no GPU keeps accelerate from probing other backends
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.run.mixed_precision)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.run.mixed_precision, **kw)
+
+
+def _reset_precision(mixed_precision: str) -> None:
+    """Let a run in this process use another ``run.mixed_precision`` than an earlier one did.
+
+    accelerate keeps one precision per process (its ``AcceleratorState`` is a singleton and refuses a
+    change); a second ``train`` with another precision (a notebook, a test) drops that state first.
+    The distributed ``PartialState`` (process group, device) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def check_trackers(cfg: TrainConfig) -> None:
+    """Refuse a ``run.log_with`` tracker whose package is not installed (accelerate would drop it silently).
+
+    Raises:
+        ValueError: naming ``run.log_with``, the tracker and what to install.
+    """
+    names = tracker_names(cfg.run.log_with)
+    if not names:
+        return
+    import accelerate.tracking
+
+    available = {str(t) for t in accelerate.tracking.get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise ValueError(f"run.log_with = {cfg.run.log_with!r}: the {name} tracker is not installed in this "
+                             f"environment (pip install {name}; TensorBoard also comes with `pip install -e \".[dev]\"`), "
+                             'or set run.log_with = "none"')
+
+
+def _check_processes(cfg: TrainConfig, num_processes: int) -> None:
+    """Refuse a global batch larger than the training set (every step draws distinct samples)."""
+    if not cfg.data.fresh and cfg.optim.batch_size * num_processes > cfg.data.n_train:
+        raise ValueError(f"data.n_train ({cfg.data.n_train}) must be at least the global batch: optim.batch_size "
+                         f"({cfg.optim.batch_size}) x {num_processes} processes = {cfg.optim.batch_size * num_processes} "
+                         "(each step trains on distinct samples): lower optim.batch_size or use fewer processes")
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
@@ -103,15 +165,60 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
     """
     out = Path(out)
     preflight(cfg)
+    check_trackers(cfg)
     check_output_dir(out, "train")
     ghm = cfg.ghm.build()
     model = build_model(cfg, ghm)  # a bad model.options fails here, before any directory exists
-    acc = _make_accelerator(cfg)
+    acc = _make_accelerator(cfg, out)
+    _check_processes(cfg, acc.num_processes)
     # one writer per run directory; under `accelerate launch` the main process holds the lock for all
     with output_dir(out, "train") if acc.is_main_process else nullcontext(out):
         latest = prepare_run_dir(out, cfg, ghm, resume=resume, overwrite=overwrite) if acc.is_main_process else None
         latest = _broadcast(acc, latest)
-        return _train(cfg, out, ghm, model, acc, latest, callback, progress)
+        try:
+            _start_trackers(acc, cfg, out, latest)
+            return _train(cfg, out, ghm, model, acc, latest, callback, progress)
+        finally:
+            _finish_trackers(acc)
+
+
+def _start_trackers(acc, cfg: TrainConfig, out: Path, latest: tuple[int, Path] | None) -> None:
+    """``init_trackers`` with the flattened config as hyperparameters (no-op without ``run.log_with``).
+
+    A resumed run hides the TensorBoard events past its checkpoint (``purge_step``), as
+    ``log.jsonl`` drops its records past it: the steps redone are not shown twice.
+    """
+    if not tracker_names(cfg.run.log_with):
+        return
+    kwargs = {"wandb": {"name": out.name, "dir": str(out / TRACKING_DIR)}, "mlflow": {"run_name": out.name}}
+    if latest is not None:
+        kwargs["tensorboard"] = {"purge_step": latest[0] + 1}
+    if acc.is_main_process:
+        (out / TRACKING_DIR).mkdir(parents=True, exist_ok=True)
+    hparams = {**_flat_hparams(dataclasses.asdict(cfg)), "num_processes": acc.num_processes,
+               "global_batch_size": cfg.optim.batch_size * acc.num_processes}
+    acc.init_trackers(cfg.run.project_name, config=hparams, init_kwargs=kwargs)
+
+
+def _flat_hparams(d: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A nested config as ``{"optim.lr": 0.002, ...}``: scalars kept, lists and tables as JSON text, None left out."""
+    flat: dict[str, bool | int | float | str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            flat.update(_flat_hparams(v, f"{prefix}{k}."))
+        elif isinstance(v, (bool, int, float, str)):
+            flat[f"{prefix}{k}"] = v
+        elif v is not None:
+            flat[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
+    return flat
+
+
+def _finish_trackers(acc) -> None:
+    """Close the trackers (flushing their files), also after a crash. Not ``acc.end_training()``: that
+    also destroys the process group, which belongs to whoever launched the processes, not to ``train``."""
+    for tracker in acc.trackers:
+        tracker.finish()
+    acc.trackers = []
 
 
 def _broadcast(acc, latest: tuple[int, Path] | None) -> tuple[int, Path] | None:
@@ -152,6 +259,8 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
     raw = acc.unwrap_model(model)
     ema = EMAModel(raw.parameters(), decay=o.ema_decay, foreach=True)  # checkpointed by hdiff, as safetensors
     eval_model = copy.deepcopy(raw).eval().requires_grad_(False)  # holds the EMA weights for eval and saving
+    if cfg.run.compile:  # opt-in; after unwrapping, so raw / EMA / checkpoints see the plain module
+        model = torch.compile(model)
 
     noise_seed = stream_seed(cfg.run.seed, _NOISE_STREAM + acc.process_index)  # each process its own noise
     noise_rng = torch.Generator(device=acc.device).manual_seed(noise_seed)
@@ -163,6 +272,8 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
         if rng_state is not None:
             noise_rng.set_state(rng_state)
         state.update({k: saved[k] for k in state})
+        if saved.get("num_processes") not in (None, n_proc):  # saved by another number of processes
+            _move_schedule(lr_scheduler, state["step"] * n_proc)
 
     step = state["step"]
     saved_step = step if latest is not None else None  # the last checkpoint on disk, for a divergence report
@@ -171,7 +282,8 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
         loader = acc.prepare(DataLoader(FreshGHMDataset(ghm, cfg.data.data_seed), collate_fn=stack_collate,
                                         batch_sampler=FreshBatchSampler(o.batch_size, start=step * n_proc, count=count)))
     else:
-        sampler = StepBatchSampler(len(train_set), o.batch_size, seed=cfg.run.seed, start=step * n_proc, count=count)
+        sampler = _GlobalBatchShards(len(train_set), o.batch_size, n_proc, seed=cfg.run.seed, start=step,
+                                     count=max(0, o.max_steps - step))
         loader = acc.prepare(DataLoader(train_set, batch_sampler=sampler, collate_fn=identity_collate,
                                         num_workers=cfg.run.num_workers))
     oracle = BPDenoiser(ghm.to(acc.device), process) if cfg.noise.target == "oracle" else None
@@ -185,7 +297,9 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
 
     def evaluate() -> dict[str, float]:
         ema.copy_to(eval_model.parameters())
-        kw = dict(process=process, batch_size=o.batch_size, seed=stream_seed(cfg.run.seed, _EVAL_STREAM),
+        # in chunks of the global batch: the evaluation noise depends on the chunking, so P processes log
+        # the held-out losses of one process with the same global batch
+        kw = dict(process=process, batch_size=o.batch_size * n_proc, seed=stream_seed(cfg.run.seed, _EVAL_STREAM),
                   device=acc.device, **loss_kw)
         raw.eval()
         try:
@@ -206,11 +320,14 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
             loss = diffusion_loss(model, x0, process, generator=noise_rng, oracle=oracle, **loss_kw)
             # one scalar host sync per step: a non-finite loss must never reach the weights
             if not _all_finite(acc, loss.detach()):
-                raise diverged(f"the training loss is {float(loss.detach())}", step + 1)
+                value = float(loss.detach())
+                raise diverged(f"the training loss is {value}" if not torch.isfinite(loss.detach())
+                               else f"the training loss is not finite on another process (here {value})", step + 1)
             acc.backward(loss)
             if o.grad_clip > 0:
                 norm = acc.clip_grad_norm_(model.parameters(), o.grad_clip)
-                if norm is not None and not _all_finite(acc, norm.detach()):
+                # under fp16 the grad scaler skips an overflowing step itself (and lowers its scale)
+                if norm is not None and acc.scaler is None and not _all_finite(acc, norm.detach()):
                     raise diverged(f"the gradient norm is {float(norm)}", step + 1)
             optimizer.step()
             lr_scheduler.step()
@@ -254,12 +371,64 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
     return TrainResult(out, step, last.get("loss"), last.get("heldout_loss"), last.get("heldout_loss_raw"), elapsed)
 
 
+class _GlobalBatchShards(Sampler[list[int]]):
+    """The per-process batches of steps ``start, ..., start + count - 1``, in the order accelerate shards them.
+
+    Global batch ``s`` is batch ``s`` of ``StepBatchSampler(n, batch_size * num_processes, seed=seed)``,
+    the batch a one-process run with the global batch size trains on at step ``s``; it is yielded as
+    ``num_processes`` consecutive slices of ``batch_size``, and accelerate's ``BatchSamplerShard``
+    gives process ``i`` every ``num_processes``-th batch from ``i``: slice ``i`` of every global batch.
+    So the shards of one step are disjoint (one permutation), and the data order is the same for any
+    number of processes with the same global batch. With one process this is ``StepBatchSampler``
+    itself. (Cutting the order of ``StepBatchSampler(n, batch_size)`` into consecutive runs of
+    ``num_processes`` batches instead, as before, put an epoch boundary inside a global batch
+    whenever ``n mod (batch_size * num_processes) >= batch_size``: its shards came from two
+    permutations and could repeat a sample.)
+    """
+
+    def __init__(self, n: int, batch_size: int, num_processes: int, *, seed: int, start: int, count: int) -> None:
+        self.order = StepBatchSampler(n, batch_size * num_processes, seed=seed, start=start, count=count)
+        self.batch_size, self.num_processes = batch_size, num_processes
+        self.drop_last = True  # read by accelerate's BatchSamplerShard
+
+    def __iter__(self):
+        b = self.batch_size
+        for batch in self.order:
+            for i in range(self.num_processes):
+                yield batch[i * b:(i + 1) * b]
+
+    def __len__(self) -> int:
+        return len(self.order) * self.num_processes
+
+
+def _move_schedule(lr_scheduler, position: int) -> None:
+    """Put the learning-rate schedule at ``position`` scheduler steps.
+
+    accelerate steps the schedule once per process per optimizer step, so a checkpoint of ``P``
+    processes holds ``P * step`` and the schedule is built in those units; resumed on another number
+    of processes, the count is redone in the new units (else the rate ran ahead, or fell behind, of
+    the step for the rest of the run).
+    """
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds torch's LambdaLR
+    sched.last_epoch = position
+    lrs = [base * lam(position) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+
+
 def _all_finite(acc, value: torch.Tensor) -> bool:
-    """Whether ``value`` is finite on every process (one all-reduce when there are several, so all stop together)."""
-    ok = torch.isfinite(value).all().float()
+    """Whether ``value`` is finite on every process (one all-reduce when there are several, so all stop together).
+
+    Reduces the "not finite" flag with ``max``: accelerate's ``reduce`` knows ``sum``, ``mean`` and
+    ``max`` only and sums anything else, so the ``"min"`` of the finite flag used before was a sum,
+    nonzero when any process was finite, and a NaN loss on one of several processes went on into
+    the all-reduced gradients.
+    """
+    bad = (~torch.isfinite(value)).any().float()
     if acc.num_processes > 1:
-        ok = acc.reduce(ok, "min")
-    return bool(ok > 0)
+        bad = acc.reduce(bad, "max")
+    return not bool(bad > 0)
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
@@ -283,6 +452,8 @@ def _maybe_log(step: int, cfg: TrainConfig, acc, log: JsonlLog, loss_sum: torch.
     record["time"] = time.monotonic() - t0
     if acc.is_main_process:
         log.append(record)
+        if acc.trackers:  # the same record, under the same names, to TensorBoard & co.
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "heldout_loss")})
     acc.wait_for_everyone()
     return record
