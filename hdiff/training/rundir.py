@@ -22,7 +22,7 @@ from hdiff.training.config import TrainConfig, load_train_config
 
 #: config fields a resumed run may change (cadences, the length); anything else changes what is trained
 RESUMABLE_FIELDS = ("optim.max_steps", "run.checkpoint_every", "run.eval_every", "run.log_every",
-                    "run.keep_checkpoints", "run.num_workers", "run.log_with", "run.project_name")
+                    "run.keep_checkpoints", "run.num_workers", "run.log_with", "run.project_name", "run.compile")
 
 
 class TrainingDiverged(RuntimeError):
