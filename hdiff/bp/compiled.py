@@ -67,9 +67,30 @@ def _leaf_kernel(t: torch.Tensor):
     return hs.exp(), mx, low
 
 
-def _up_kernel(rows: torch.Tensor, gather: torch.Tensor, weights: torch.Tensor | None, A: int, P: int, m: int, s: int):
-    """Children rows ``(R, W)`` in probability form -> parents ``u (A, P, W)``, column max ``(P, W)``, rule sums
-    ``(A, P, W)``, smallest positive ``u``.
+def _leaf_perm_kernel(x: torch.Tensor, view: tuple[int, ...], perm: tuple[int, ...]):
+    """User leaf log-likelihoods ``(B, *leaf_shape, v)`` -> BP's internal order as ``(v, *digits, B)``:
+    ``exp(h - max)``, the per-leaf max ``(*digits, B)`` and the lowest finite shifted entry.
+
+    The internal order is a permutation of the axes of ``x.view(view)`` (the base-``s`` digits of the leaf
+    index, reversed), so the transpose is fused with the max, the shift and the ``exp``, and runs in
+    parallel (the eager blocked transpose does not). Compiled per batch size: with a dynamic batch
+    size the strided reads were twice as slow. The outputs keep one axis per digit (flattening them
+    outside is a view).
+    """
+    h = x.view(view).permute(perm)
+    mx = h.amax(0)
+    hs = h - finite_shift(mx)
+    low = torch.where(hs > -torch.inf, hs, 0.0).amin()
+    return hs.exp().contiguous(), mx.contiguous(), low
+
+
+def _up_kernel(rows: torch.Tensor, gather: torch.Tensor, weights: torch.Tensor | None, A: int, P: int, m: int, s: int,
+               log_scale: torch.Tensor, log_weight: float):
+    """Children rows ``(R, W)`` in probability form -> parents ``u (A, P, W)``, the parents' log-scale
+    ``(P*W,)`` float64, rule sums ``(A, P, W)``, smallest positive ``u``.
+
+    ``log_scale`` ``(s*P*W,)``: the children's accumulated shifts; a parent's is theirs summed in order
+    plus its own ``log(max) + log_weight`` (as :func:`hdiff.bp.propagation._upward` does eagerly).
 
     ``gather``: ``(s, m, A*P)`` rows of ``rows``: child ``j`` of rule ``r`` of parent symbol ``a`` at parent
     block ``p`` (BP's internal order: ``P = 1``, ``W = M``). ``weights``: ``(m, A, 1, 1)`` or None. The
@@ -87,32 +108,42 @@ def _up_kernel(rows: torch.Tensor, gather: torch.Tensor, weights: torch.Tensor |
     mx = total.amax(0)
     u = total / mx.clamp_min(_TINY[rows.dtype])
     low = torch.where(u > 0, u, 1.0).amin()
-    return u, mx, total, low
+    children = log_scale.view(s, -1)
+    acc = children[0] + children[1]
+    for j in range(2, s):
+        acc = acc + children[j]
+    acc = acc + (mx.view(-1).log() + log_weight).to(torch.float64)
+    return u, acc, total, low
 
 
-def _down_kernel(scale: torch.Tensor, rows: torch.Tensor, scale_row: torch.Tensor, sibling_rows: torch.Tensor,
-                 weight: torch.Tensor, s: int, K: int) -> torch.Tensor:
-    """``P(a) / Z(a)`` as rows ``(A*P, W)`` and the children rows ``(R, W)`` -> children's marginals, rows ``(R, W)``.
+def _down_kernel(p: torch.Tensor, total: torch.Tensor, rows: torch.Tensor, scale_row: torch.Tensor,
+                 sibling_rows: torch.Tensor, weight: torch.Tensor, s: int, K: int):
+    """Parents' marginals ``P`` and rule sums ``Z`` ``(A, W)``, children rows ``(R, W)`` -> children's marginals,
+    rows ``(R, W)`` (and ``P / Z``, returned so that it is computed once, not per use).
 
     ``scale_row``, ``weight``: ``(K, R)`` and ``(K, R, 1)``, ``sibling_rows``: ``(s - 1, K, R)``, unrolled
     over ``k`` (a row with fewer rules has zero weights).
     """
+    scale = p / total.clamp_min(_TINY[p.dtype])  # p = 0 wherever total = 0
     acc = None
     for k in range(K):
         g = scale[scale_row[k]] * weight[k]
         for i in range(s - 1):
             g = g * rows[sibling_rows[i, k]]
         acc = g if acc is None else acc + g
-    return rows * acc
+    return rows * acc, scale
 
 
-_PLAIN: dict[str, Callable] = {"leaf": _leaf_kernel, "up": _up_kernel, "down": _down_kernel}
+_PLAIN: dict[str, Callable] = {"leaf": _leaf_kernel, "leaf_perm": _leaf_perm_kernel, "up": _up_kernel,
+                               "down": _down_kernel}
 _COMPILED: dict[tuple, Callable] = {}
+_STATIC = {"leaf_perm"}  # compiled for fixed shapes (its key holds the batch size): twice as fast as dynamic
 _FAILED: list[str] = []  # why a kernel signature could not be compiled (it then runs eagerly)
 
 
 def _kernel(name: str, key: tuple) -> Callable:
-    """The compiled kernel for one static signature ``key`` (dtype, device, sizes other than the column count).
+    """The compiled kernel for one static signature ``key`` (dtype, device, sizes other than the column count;
+    the identity of a per-kernel table stands for the GHM kernel's sizes, dtype and device).
 
     Each signature gets its own copy of the function's code: dynamo keeps its compiled graphs (and its
     recompile limit) per code object, so a process that meets many GHMs or dtypes does not exhaust
@@ -124,24 +155,13 @@ def _kernel(name: str, key: tuple) -> Callable:
         plain = _PLAIN[name]
         copy = types.FunctionType(plain.__code__.replace(), plain.__globals__, plain.__name__, plain.__defaults__,
                                   plain.__closure__)
-        fn = _COMPILED[(name, key)] = torch.compile(copy, dynamic=None)
+        fn = _COMPILED[(name, key)] = torch.compile(copy, dynamic=name not in _STATIC and None)
     return fn
 
 
-def _signature(args: tuple) -> tuple:
-    """Everything about the arguments except the column count (the last dim of the first tensor)."""
-    out = []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            shape = tuple(a.shape)
-            out.append((a.dtype, a.device, shape[:-1] if i == 0 else shape))
-        else:
-            out.append(a)
-    return tuple(out)
-
-
-def _call(name: str, *args):
-    key = (name, _signature(args))
+def _call(name: str, key: tuple, *args):
+    """Run kernel ``name``; ``key`` names its static signature (what fixes sizes other than the column count)."""
+    key = (name, key)
     if key in _BROKEN:
         return _PLAIN[name](*args)
     try:
@@ -165,6 +185,7 @@ class _DownTables:
     sibling_rows: torch.Tensor  # (s - 1, K, R): rows of the other children of that rule
     weight: torch.Tensor  # (K, R, 1): the rule's weight (1 when weights are equal and left out), 0 for padding
     K: int
+    key: tuple  # what the compiled kernel depends on besides the column count: shapes, dtype, device
 
 
 def _rule_lists(k: ProductionKernel):
@@ -206,15 +227,17 @@ def _down_tables(k: ProductionKernel, dtype: torch.dtype, device: torch.device) 
         sib = sib_sym * s + sib_pos
         return _DownTables(torch.as_tensor(par.T.copy(), device=device),
                            torch.as_tensor(sib.transpose(0, 2, 1).copy(), device=device),
-                           torch.as_tensor(wt.T.copy(), device=device, dtype=dtype).unsqueeze(-1), K)
+                           torch.as_tensor(wt.T.copy(), device=device, dtype=dtype).unsqueeze(-1), K,
+                           (par.shape, sib.shape, dtype, device, k.num_parents, s))
 
     return _cached(k, ("compiled-down", dtype), device, build)
 
 
 def _up_tables(k: ProductionKernel, dtype: torch.dtype, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(s, m, A)`` gather rows (row ``c*s + j`` of the children) and ``(m, A, 1, 1)`` weights (None when
-    equal) for :func:`_up_kernel`."""
+               ) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """``(s, m, A)`` gather rows (row ``c*s + j`` of the children), ``(m, A, 1, 1)`` weights (None when
+    equal) for :func:`_up_kernel`, and the compiled kernel's signature (what it depends on besides the
+    column count; levels with the same sizes share a kernel)."""
     import numpy as np
 
     c = _production_consts(k, dtype, device)
@@ -224,7 +247,9 @@ def _up_tables(k: ProductionKernel, dtype: torch.dtype, device: torch.device
         rules = k.rules.cpu().numpy()  # (A, m, s)
         gather = (rules * s + np.arange(s)).transpose(2, 1, 0)  # (s, m, A): row c*s + j
         weights = None if c.weights is None else c.weights.view(A, m).T.contiguous().view(m, A, 1, 1)
-        return torch.as_tensor(np.ascontiguousarray(gather), device=device), weights
+        log_weight = c.log_weight if c.weights is None else 0.0  # equal weights were left out of the sums
+        key = (A, m, s, k.num_children, weights is None, log_weight, dtype, device)
+        return torch.as_tensor(np.ascontiguousarray(gather), device=device), weights, key
 
     return _cached(k, ("compiled-up", dtype), device, build)
 
@@ -244,17 +269,22 @@ def leaves(x: torch.Tensor, layout: str, s: int, depth: int) -> tuple[torch.Tens
     """User leaf evidence ``(B, *leaf_shape, v)`` -> (``exp`` of the shifted leaves ``(v, N*B)`` and the per-leaf
     max ``(N*B,)``, both in BP's internal order, and their spread in nats).
 
-    A blocked transpose to rows ``(leaf, symbol)`` over the batch (eager), one compiled pass (max, shift,
-    spread, ``exp``), then a row gather into BP's order. (Reading the user's rows straight from the
-    first level's kernel, and writing the last level's marginals in them, measured no faster: the
-    kernels' short per-row gathers lose what the skipped conversions save.)
+    Sequence layouts: one compiled kernel that also transposes into BP's order (an axis permutation).
+    Otherwise a blocked transpose to rows ``(leaf, symbol)`` over the batch (eager), one compiled pass
+    (max, shift, spread, ``exp``), then a row gather into BP's order. (Reading the user's rows straight
+    from the first level's kernel, and writing the last level's marginals in them, measured no faster:
+    the kernels' short per-row gathers lose what the skipped conversions save.)
     """
     from hdiff.bp._order import _rows
 
     B, v = x.shape[0], x.shape[-1]
     N = s**depth
+    if layout == "sequence":  # BP's order is the leaf index's digits reversed: an axis permutation
+        view, perm = (B, *[s] * depth, v), (depth + 1, *range(depth, 0, -1), 0)
+        u, mx, low = _call("leaf_perm", (B, s, depth, v, x.dtype, x.device), x, view, perm)
+        return u.view(v, -1), mx.view(-1), -float(low)
     t = x.reshape(B, N * v).T.contiguous().view(N, v, B)
-    u, mx, low = _call("leaf", t)
+    u, mx, low = _call("leaf", (t.shape[:-1], t.dtype, t.device), t)
     u = u.view(N * v, B).index_select(0, _rows(layout, s, depth, v, x.device, False)).view(v, -1)
     mx = mx.index_select(0, _rows(layout, s, depth, 1, x.device, False)).view(-1)
     return u, mx, -float(low)
@@ -266,24 +296,23 @@ def spread_of_prob_low(low: torch.Tensor) -> float:
     return -math.log(low) if low > 0 else 0.0
 
 
-def up(k: ProductionKernel, x: torch.Tensor):
+def up(k: ProductionKernel, x: torch.Tensor, log_scale: torch.Tensor):
     """A probability-space production level (the caller checked the spread bound), ``x`` ``(C, s*M)`` in
-    probability form. Returns ``(u_parent (A, M), shift (M,), cache, spread of u_parent)``, like
-    :func:`hdiff.bp.messages.production_up_prob`."""
+    probability form, ``log_scale`` ``(s*M,)`` the children's accumulated shifts (float64). Returns
+    ``(u_parent (A, M), the parents' log_scale (M,), cache, spread of u_parent)``."""
     c = _production_consts(k, x.dtype, x.device)
-    gather, weights = _up_tables(k, x.dtype, x.device)
+    gather, weights, key = _up_tables(k, x.dtype, x.device)
     A = k.num_parents
     rows = x.view(k.num_children * k.branching, -1)
-    u, mx, total, low = _call("up", rows, gather, weights, A, 1, k.num_rules, k.branching)
-    shift = mx.view(-1).log()
-    if c.weights is None:
-        shift = shift + c.log_weight
-    return u.view(A, -1), shift, CompiledCache(rows, total.view(A, -1)), spread_of_prob_low(low)
+    log_weight = c.log_weight if c.weights is None else 0.0  # equal weights were left out of the sums
+    u, log_scale, total, low = _call("up", key, rows, gather, weights, A, 1, k.num_rules, k.branching, log_scale,
+                                     log_weight)
+    return u.view(A, -1), log_scale, CompiledCache(rows, total.view(A, -1)), spread_of_prob_low(low)
 
 
 def down(k: ProductionKernel, p: torch.Tensor, cache: CompiledCache) -> torch.Tensor:
     """Parents' marginals ``(A, M)`` -> children's ``(C, s*M)``."""
     t = _down_tables(k, p.dtype, p.device)
-    scale = p / cache.total.clamp_min_(_TINY[p.dtype])  # p = 0 wherever total = 0
-    out = _call("down", scale, cache.children, t.scale_row, t.sibling_rows, t.weight, k.branching, t.K)
+    out, _ = _call("down", t.key, p, cache.total, cache.children, t.scale_row, t.sibling_rows, t.weight, k.branching,
+                   t.K)
     return out.view(k.num_children, -1)

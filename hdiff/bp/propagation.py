@@ -227,12 +227,11 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor, keep: list | None = None, plan
         if compiled and fused.fusable(k) and keep is None:
             if decide(0, production_prob_ok(k, h, prob, spread)):
                 x = leaf_u if leaf_pending else (h if prob else h.exp_())
-                h, shift, caches[level], spread = fused.up(k, x)
-                prob = True
-            else:
-                h, prob, shift, caches[level] = production_up_log(k, leaf_log() if leaf_pending else h, prob)
-                spread = None
-            leaf_pending = False
+                h, log_scale, caches[level], spread = fused.up(k, x, log_scale)  # log_scale updated inside
+                prob, leaf_pending = True, False
+                continue
+            h, prob, shift, caches[level] = production_up_log(k, leaf_log() if leaf_pending else h, prob)
+            spread, leaf_pending = None, False
         else:
             if leaf_pending:
                 h, leaf_pending = leaf_log(), False
