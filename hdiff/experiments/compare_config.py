@@ -72,8 +72,9 @@ class SweepConfig:
             untrained, as a reference row beside the oracle (its KL to the oracle is ~0).
         decomposition: the gap decomposition of ``[model]`` (docs/experiments.md, "Diagnostics"):
             ``"fresh"`` adds a run on fresh samples every step (``n = inf``) evaluated at every
-            ``n``'s budget, ``"fresh_rb"`` also one against the oracle's posteriors. Needs
-            ``optim.schedule = "constant"``, so that one run's snapshot at ``S`` steps is a run of ``S`` steps.
+            ``n``'s budget, ``"fresh_rb"`` also one against the oracle's posteriors. Needs a schedule
+            that does not depend on ``max_steps`` (``optim.schedule = "constant"`` or ``"inverse_sqrt"``),
+            so that one run's snapshot at ``S`` steps is a run of ``S`` steps.
         snapshots: EMA snapshots per learned cell, evenly spaced, evaluated for the training-time
             axis on ``snapshot_samples`` samples of the first sampler (0: off).
         probes: fit linear probes from each level's activations to BP's messages
@@ -204,9 +205,10 @@ class CompareConfig:
                 raise ValueError(f"compare.{name} must be >= {0 if name == 'snapshots' else 1}, got {getattr(c, name)}")
         if c.probe_samples < 4:
             raise ValueError(f"compare.probe_samples must be >= 4 (half fit, half score), got {c.probe_samples}")
-        if c.decomposition != "none" and self.train.optim.schedule != "constant":
-            raise ValueError('compare.decomposition needs optim.schedule = "constant": the n = inf reference is one '
-                             "run whose snapshot at each n's budget must equal a run of that many steps")
+        if c.decomposition != "none" and self.train.optim.schedule == "cosine":
+            raise ValueError('compare.decomposition needs optim.schedule = "constant" or "inverse_sqrt" (not "cosine", '
+                             "which depends on max_steps): the n = inf reference is one run whose snapshot at each "
+                             "n's budget must equal a run of that many steps")
         for model in self.models.values():
             model_class(model.kind, self.train.ghm.layout)  # names model.kind if unknown
         for n in c.n_train:

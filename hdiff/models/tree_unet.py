@@ -48,6 +48,7 @@ class ResBlock(nn.Module):
     Args:
         c_in, c_out: channels in and out.
         dropout: dropout probability before the second linear layer.
+        hidden: the MLP's hidden width (default ``c_out``).
         film: whether ``forward`` takes a per-sample scale/shift (then LayerNorm has no affine of its own).
         shortcut: False when every call passes ``residual`` (no projection of ``x`` is built).
 
@@ -57,11 +58,13 @@ class ResBlock(nn.Module):
     (``c_in == c_out``) or a bias-free linear projection of it.
     """
 
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, film: bool = True, shortcut: bool = True) -> None:
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, film: bool = True, shortcut: bool = True,
+                 hidden: int | None = None) -> None:
         super().__init__()
+        hidden = hidden or c_out
         self.norm = nn.LayerNorm(c_in, elementwise_affine=not film)
-        self.fc1 = nn.Linear(c_in, c_out)
-        self.fc2 = nn.Linear(c_out, c_out)
+        self.fc1 = nn.Linear(c_in, hidden)
+        self.fc2 = nn.Linear(hidden, c_out)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.skip = (nn.Linear(c_in, c_out, bias=False) if c_in != c_out else nn.Identity()) if shortcut else None
         nn.init.zeros_(self.fc2.weight)  # each block starts as (a projection of) the identity
@@ -96,17 +99,20 @@ class TreeEncoder(nn.Module):
         branching: ``s``.
         dropout: residual-block dropout.
         film: whether the blocks take FiLM parameters (noise conditioning).
+        mlp_ratio: hidden width of each block's MLP over its channels.
 
     ``forward(h, films)``: ``h`` ``(B, s**L, widths[0])`` in tree order, ``films`` one
     ``(B, 1, 2*widths[i])`` per level or None -> the root ``(B, 1, widths[-1])`` and the
     activations before each pooling (the long skips), leaves first.
     """
 
-    def __init__(self, widths: Sequence[int], branching: int, dropout: float = 0.0, film: bool = True) -> None:
+    def __init__(self, widths: Sequence[int], branching: int, dropout: float = 0.0, film: bool = True,
+                 mlp_ratio: float = 1.0) -> None:
         super().__init__()
         self.branching = branching
         depth = len(widths) - 1
-        self.blocks = nn.ModuleList(ResBlock(widths[i], widths[i], dropout, film) for i in range(depth))
+        self.blocks = nn.ModuleList(ResBlock(widths[i], widths[i], dropout, film, hidden=round(mlp_ratio * widths[i]))
+                                    for i in range(depth))
         # Conv with kernel = stride = s over tree order == Linear over each node's concatenated children.
         self.pools = nn.ModuleList(nn.Linear(branching * widths[i], widths[i + 1]) for i in range(depth))
 
@@ -178,6 +184,12 @@ class TreeUNet(LearnedDenoiser):
         noise_embedding_dim: Fourier features of the noise level and the width of the MLP that
             maps them to every block's FiLM scale and shift.
         dropout: in every residual block.
+        mlp_ratio: hidden width of every residual block's MLP as a multiple of its channels
+            (1 = as wide as the block; transformers use 4).
+        noise_conditioning: False drops the noise-level input (no FiLM; LayerNorm gets its own
+            affine). Right for masking noise, where ``p(x0 | x_t)`` does not depend on ``alpha``
+            (the visible leaves are the whole evidence, MDLM, Sahoo et al. 2024); the other
+            processes need it and refuse False.
 
     Raises:
         ValueError: naming the field for an invalid config.
@@ -186,9 +198,16 @@ class TreeUNet(LearnedDenoiser):
     @register_to_config
     def __init__(self, vocab_size: int = 8, process: str = "masking", branching: int = 2, depth: int = 4,
                  layout: str = "sequence", channels: int | Sequence[int] = 64, noise_embedding_dim: int = 64,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, mlp_ratio: float = 1.0, noise_conditioning: bool = True) -> None:
         super().__init__()
         self._init_process(process, vocab_size)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio <= 16:
+            raise ValueError(f"mlp_ratio must be a number in (0, 16], got {mlp_ratio!r}")
+        if not isinstance(noise_conditioning, bool):
+            raise TypeError(f"noise_conditioning must be a bool, got {noise_conditioning!r}")
+        if not noise_conditioning and self.process.posterior_needs_alpha:
+            raise ValueError(f"noise_conditioning = false needs masking noise: the posterior under {process!r} "
+                             "noise depends on the noise level")
         check_tree(branching, depth, layout)
         widths = channels_per_level(channels, depth)
         check_int(noise_embedding_dim, "noise_embedding_dim", 2)
@@ -201,15 +220,18 @@ class TreeUNet(LearnedDenoiser):
             self.embed = nn.Embedding(vocab_size + 1, widths[0])  # + 1: MASK (unused by uniform noise)
         else:
             self.embed = nn.Linear(self.process.embedding_dim, widths[0])  # the 1x1 conv from k channels
-        self.encoder = TreeEncoder(widths, branching, dropout)
-        self.root = ResBlock(widths[-1], widths[-1], dropout)
+        film = noise_conditioning
+        self.encoder = TreeEncoder(widths, branching, dropout, film, mlp_ratio)
+        self.root = ResBlock(widths[-1], widths[-1], dropout, film, hidden=round(mlp_ratio * widths[-1]))
         # Transposed conv with kernel = stride = s: each parent's features to its s children.
         self.ups = nn.ModuleList(nn.Linear(widths[i + 1], branching * widths[i]) for i in reversed(range(depth)))
-        self.decoder = nn.ModuleList(ResBlock(2 * widths[i], widths[i], dropout, shortcut=False)
-                                     for i in reversed(range(depth)))
+        self.decoder = nn.ModuleList(ResBlock(2 * widths[i], widths[i], dropout, film, shortcut=False,
+                                              hidden=round(mlp_ratio * widths[i])) for i in reversed(range(depth)))
         self.head_norm = nn.LayerNorm(widths[0])
         self.head = nn.Linear(widths[0], vocab_size)
         e = noise_embedding_dim
+        if not film:
+            return
         self.noise_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e), nn.SiLU())
         self._film_sizes = [*self.encoder.film_sizes(), 2 * widths[-1], *(2 * b.fc1.in_features for b in self.decoder)]
         # One linear layer for every block's FiLM: one GEMM instead of 2L + 1 small ones.
@@ -217,7 +239,9 @@ class TreeUNet(LearnedDenoiser):
         nn.init.zeros_(self.film.weight)  # start unconditioned (scale 1, shift 0)
         nn.init.zeros_(self.film.bias)
 
-    def _films(self, u: torch.Tensor) -> list[torch.Tensor]:
+    def _films(self, u: torch.Tensor) -> list[torch.Tensor] | list[None]:
+        if not self.config.noise_conditioning:
+            return [None] * (2 * self.config.depth + 1)
         e = self.noise_mlp(fourier_features(u, self.config.noise_embedding_dim))
         return [f.unsqueeze(1) for f in self.film(e).split(self._film_sizes, dim=-1)]
 
@@ -234,7 +258,7 @@ class TreeUNet(LearnedDenoiser):
     def _run(self, x_t: torch.Tensor, u: torch.Tensor, features: dict | None) -> torch.Tensor:
         films = self._films(u)
         depth = self.config.depth
-        h, skips = self.encoder(self._embed(x_t), films[:depth])
+        h, skips = self.encoder(self._embed(x_t), films[:depth] if self.config.noise_conditioning else None)
         if features is not None:  # encoder level l < L: the block output there (after pooling from below)
             features["encoder"] = [h, *skips[:0:-1]]
         h = self.root(h, films[depth])

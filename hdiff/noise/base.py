@@ -40,6 +40,9 @@ class NoiseProcess(ABC):
         schedulers: the scheduler names (:func:`hdiff.schedulers.make_scheduler`) that sample this
             process; any other is refused up front.
         elbo_loss: whether the training loss can be ELBO-weighted (masking: MDLM).
+        posterior_needs_alpha: whether ``p(x0 | x_t)`` depends on the noise level beyond ``x_t``
+            itself (False for masking: the visible leaves are the whole evidence), i.e. whether a
+            denoiser must be told ``alpha``.
     """
 
     name: str = ""
@@ -48,6 +51,7 @@ class NoiseProcess(ABC):
     schedulers: tuple[str, ...] = ()
     #: whether :meth:`reduce_loss` can weight the cross-entropy into the process's ELBO
     elbo_loss: bool = False
+    posterior_needs_alpha: bool = True
 
     def __init__(self, vocab_size: int) -> None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:

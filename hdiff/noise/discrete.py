@@ -17,6 +17,7 @@ class MaskingProcess(NoiseProcess):
     """
 
     name = "masking"
+    posterior_needs_alpha = False  # a masked leaf carries no evidence at any alpha
     schedulers = ("masked",)
     elbo_loss = True
 

@@ -46,6 +46,8 @@ class NoiseConfig:
     ``-alpha'(t) / (1 - alpha(t))`` (``1/t`` for linear): the MDLM bound (Sahoo et al. 2024).
     ``target = "oracle"`` trains against the BP oracle's exact posteriors instead of the clean
     tokens (the Rao-Blackwellised loss, no label noise; a diagnostic, docs/experiments.md).
+    ``t_sampling = "stratified"`` spreads each batch's ``t`` evenly over ``[t_min, 1)`` (VDM's
+    low-discrepancy sampler: unbiased, lower-variance gradients); ``"uniform"`` draws them i.i.d.
     """
 
     process: Literal["gaussian", "masking", "uniform"] = "masking"
@@ -53,6 +55,7 @@ class NoiseConfig:
     elbo_weight: bool = False
     t_min: float = 1e-3
     target: Literal["x0", "oracle"] = "x0"
+    t_sampling: Literal["uniform", "stratified"] = "uniform"
 
 
 @dataclass
@@ -76,8 +79,11 @@ class OptimConfig:
 
     ``max_steps`` counts optimizer steps; ``batch_size`` is per process. ``grad_clip = 0`` turns
     clipping off; ``ema_decay`` is the EMA's ceiling (diffusers ``EMAModel`` ramps up to it).
-    ``schedule = "constant"`` keeps the rate after warmup, so the run's state at step ``S`` is what a
-    run of ``S`` steps would end with: its snapshots are a budget axis (``hdiff compare`` diagnostics).
+    ``schedule = "constant"`` keeps the rate after warmup, and ``"inverse_sqrt"`` decays it as
+    ``lr * sqrt(tau / (tau + step - warmup_steps))`` with ``tau = decay_timescale`` (Vaswani et al.
+    2017's decay, which does not depend on ``max_steps``): with either, the run's state at step ``S``
+    is what a run of ``S`` steps would end with, so its snapshots are a budget axis (``hdiff compare``
+    diagnostics). ``"cosine"`` decays to 0 at ``max_steps``.
     """
 
     lr: float = 2e-3
@@ -89,7 +95,8 @@ class OptimConfig:
     batch_size: int = 128
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "inverse_sqrt"] = "cosine"
+    decay_timescale: int = 1000
 
 
 @dataclass
@@ -145,7 +152,7 @@ class TrainConfig:
         ch = self.model.channels
         if ch is not None and not all(c >= 1 for c in (ch if isinstance(ch, list) else [ch])):
             raise ValueError(f"model.channels must be positive, got {ch}")
-        for name in ("data.n_train", "data.n_heldout", "optim.max_steps", "optim.batch_size",
+        for name in ("data.n_train", "data.n_heldout", "optim.max_steps", "optim.batch_size", "optim.decay_timescale",
                      "run.checkpoint_every", "run.eval_every", "run.log_every", "run.keep_checkpoints"):
             _positive(self, name)
         for name in ("optim.warmup_steps", "run.num_workers", "run.seed", "data.data_seed"):

@@ -27,11 +27,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -253,6 +255,9 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
     # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
     if o.schedule == "constant":
         lr_scheduler = get_constant_schedule_with_warmup(optimizer, o.warmup_steps * n_proc)
+    elif o.schedule == "inverse_sqrt":
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(_inverse_sqrt, warmup=o.warmup_steps * n_proc, timescale=o.decay_timescale * n_proc))
     else:
         lr_scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps * n_proc, o.max_steps * n_proc)
     model, optimizer, lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
@@ -317,7 +322,8 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
     model.train()
     try:
         for x0 in loader:
-            loss = diffusion_loss(model, x0, process, generator=noise_rng, oracle=oracle, **loss_kw)
+            loss = diffusion_loss(model, x0, process, generator=noise_rng, oracle=oracle,
+                                  stratified=cfg.noise.t_sampling == "stratified", **loss_kw)
             # one scalar host sync per step: a non-finite loss must never reach the weights
             if not _all_finite(acc, loss.detach()):
                 value = float(loss.detach())
@@ -399,6 +405,13 @@ class _GlobalBatchShards(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.order) * self.num_processes
+
+
+def _inverse_sqrt(step: int, *, warmup: int, timescale: int) -> float:
+    """The LR factor of ``optim.schedule = "inverse_sqrt"``: linear warmup, then ``sqrt(tau / (tau + step - warmup))``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return math.sqrt(timescale / (timescale + step - warmup))
 
 
 def _move_schedule(lr_scheduler, position: int) -> None:

@@ -104,6 +104,26 @@ def test_baselines_get_a_continuous_timestep():
         assert torch.allclose(t, torch.tensor([750.0, 1.0]), atol=1e-3)
 
 
+def test_unconditioned_masking_model_ignores_alpha_and_round_trips(tmp_path):
+    """Masking: ``p(x0 | x_t)`` does not depend on alpha, so the model may drop the noise input (MDLM)."""
+    model = TreeUNet(vocab_size=3, depth=2, channels=8, mlp_ratio=3, noise_conditioning=False)
+    for block in model.decoder:
+        torch.nn.init.normal_(block.fc2.weight)  # zero-initialised: make every block count
+    assert not hasattr(model, "film") and model.decoder[0].fc1.out_features == 24  # hidden = 3 x 8 channels
+    x = torch.tensor([[0, 3, 1, 3], [2, 2, 3, 0]])
+    out = model(x, torch.tensor([0.1, 0.9]))
+    assert torch.equal(out, model(x, torch.tensor([0.7, 0.2])))
+    assert torch.allclose(out.exp().sum(1), torch.ones(2, 4))
+    model.save_pretrained(tmp_path)
+    assert torch.equal(TreeUNet.from_pretrained(tmp_path)(x, 0.5), out)
+    # with the noise input (the default) the same weights do read alpha
+    conditioned = TreeUNet(vocab_size=3, depth=2, channels=8)
+    for block in conditioned.decoder:
+        torch.nn.init.normal_(block.fc2.weight)
+    torch.nn.init.normal_(conditioned.film.weight)
+    assert not torch.equal(conditioned(x, 0.1), conditioned(x, 0.9))
+
+
 def test_dropout_only_in_training():
     model = TreeUNet(vocab_size=3, depth=2, channels=8, dropout=0.5)
     for block in model.decoder:
@@ -117,7 +137,9 @@ def test_dropout_only_in_training():
 @pytest.mark.parametrize("kwargs", [dict(layout="image", branching=2), dict(depth=0), dict(branching=1),
                                     dict(channels=[8, 8]), dict(channels=0), dict(process="absorbing"),
                                     dict(vocab_size=1), dict(dropout=1.0), dict(noise_embedding_dim=7),
-                                    dict(layout="grid")])
+                                    dict(layout="grid"), dict(mlp_ratio=0), dict(mlp_ratio=True),
+                                    dict(process="uniform", noise_conditioning=False),
+                                    dict(process="gaussian", noise_conditioning=False)])
 def test_tree_unet_config_errors(kwargs):
     with pytest.raises(ValueError):
         TreeUNet(**{"depth": 2, **kwargs})
