@@ -46,7 +46,8 @@ def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, process: NoiseProce
         t_min: lower end of ``t``.
         elbo: masking only: weight masked cross-entropies by the MDLM weight (see module doc).
         generator: the only RNG used (time and noise), on ``x0``'s device.
-        oracle: the exact denoiser (:class:`~hdiff.denoisers.BPDenoiser`); when given, the target of
+        oracle: a soft target: the exact denoiser of the GHM (:class:`~hdiff.denoisers.BPDenoiser`)
+            or of the training set (:class:`~hdiff.denoisers.EmpiricalDenoiser`). When given, the target of
             each leaf is the oracle's posterior ``p(x0_i | x_t)`` instead of the clean token (the
             Rao-Blackwellised loss: the soft cross-entropy ``-sum_b p_b log q_b``, whose expectation
             is the same up to the oracle's entropy, and whose minimiser is the same, with no label

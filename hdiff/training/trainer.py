@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from hdiff.denoisers import BPDenoiser
+from hdiff.denoisers import BPDenoiser, EmpiricalDenoiser
 from hdiff.noise import get_process, get_schedule
 from hdiff.runs import check_output_dir, output_dir
 from hdiff.training.artifacts import (MODEL_DIR, RAW_MODEL_DIR, SNAPSHOT_DIR, save_final, save_pretrained_atomic,
@@ -291,7 +291,11 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
                                      count=max(0, o.max_steps - step))
         loader = acc.prepare(DataLoader(train_set, batch_sampler=sampler, collate_fn=identity_collate,
                                         num_workers=cfg.run.num_workers))
-    oracle = BPDenoiser(ghm.to(acc.device), process) if cfg.noise.target == "oracle" else None
+    oracle = None  # the soft target of the loss, if any (docs/experiments.md)
+    if cfg.noise.target == "oracle":
+        oracle = BPDenoiser(ghm.to(acc.device), process)
+    elif cfg.noise.target == "empirical":
+        oracle = EmpiricalDenoiser(train_set.tokens, process).to(acc.device)
     loss_kw = dict(schedule=get_schedule(cfg.schedule), t_min=cfg.noise.t_min, elbo=cfg.noise.elbo_weight)
     snapshots = set(cfg.run.snapshot_steps)
 

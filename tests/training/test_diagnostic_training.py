@@ -106,3 +106,49 @@ def test_stratified_noise_levels_cover_the_interval() -> None:
     many = torch.stack([sample_t(8, 0.0, generator=gen, device=torch.device("cpu"), stratified=True)[3]
                         for _ in range(4000)])
     assert abs(float(many.mean()) - 0.5) < 4 * 0.2887 / 4000 ** 0.5
+
+
+def test_empirical_targets_train_and_need_a_training_set(tmp_path: Path) -> None:
+    """target = "empirical": the soft target is the training set's exact posterior (no GHM), so a fresh run has none."""
+    with pytest.raises(ValueError, match="noise.target"):
+        tiny_config(noise={"target": "empirical"}, data={"fresh": True})
+    cfg = tiny_config(noise={"target": "empirical"}, optim={"max_steps": 12}, run={"checkpoint_every": 12})
+    result = train(cfg, tmp_path / "emp", progress=False)
+    assert result.step == 12 and torch.isfinite(torch.tensor(result.loss))
+    plain = tiny_config(optim={"max_steps": 12}, run={"checkpoint_every": 12})
+    train(plain, tmp_path / "x0", progress=False)
+    a, b = _weights(tmp_path / "emp"), _weights(tmp_path / "x0")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the target reached the gradient
+
+
+def test_empirical_target_has_the_one_hot_targets_expected_gradient() -> None:
+    """Same noise draws, many batches: the mean gradient of the soft-target loss equals the one-hot loss's
+    within Monte-Carlo error (their difference has mean zero: Rao-Blackwell), and its variance is lower."""
+    from hdiff.denoisers import EmpiricalDenoiser
+    from hdiff.models import TreeUNet
+    from hdiff.noise import get_process
+    from hdiff.training.loss import diffusion_loss
+
+    cfg = tiny_config()
+    ghm = cfg.ghm.build()
+    process = get_process("masking", ghm.vocab_size)
+    tokens = ghm.sample(16, generator=torch.Generator().manual_seed(0))
+    model = TreeUNet(vocab_size=ghm.vocab_size, depth=ghm.depth, branching=ghm.branching, channels=8)
+    for block in model.decoder:
+        torch.nn.init.normal_(block.fc2.weight, std=0.3)
+    target = EmpiricalDenoiser(tokens, process)
+
+    def grad(seed: int, soft: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        x0 = tokens[torch.randint(0, 16, (32,), generator=gen)]
+        model.zero_grad()
+        diffusion_loss(model, x0, process, schedule="linear", t_min=1e-3, elbo=False, generator=gen,
+                       oracle=target if soft else None).backward()
+        return model.head.weight.grad.flatten().clone()
+
+    diffs = torch.stack([grad(s, True) - grad(s, False) for s in range(300)])
+    hard = torch.stack([grad(s, False) for s in range(300)])
+    se = diffs.std(0) / 300 ** 0.5
+    assert bool((diffs.mean(0).abs() <= 5 * se + 1e-7).all())
+    soft = hard + diffs
+    assert float(soft.var(0).sum()) < float(hard.var(0).sum())
