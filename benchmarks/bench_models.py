@@ -6,14 +6,16 @@ denoiser of a case):
 - B1: sequence RHM v=16, m=4, s=2, L=8 (256 leaves), batch 256 (the BP benchmark's B1)
 - demo: sequence RHM v=8, m=2, s=2, L=4 (16 leaves), batch 128 (configs/demo_ghm.toml)
 
-Denoisers: ``TreeUNet`` (channels 64, noise embedding 64), ``UNet1DBaseline`` (diffusers
+Denoisers: ``TreeUNet`` (channels 64, noise embedding 64), ``tree_unet_demo`` (the demo's: no
+noise input, 2x-wide block MLPs), ``UNet1DBaseline`` (diffusers
 UNet1DModel, default config), ``BPUNet.from_ghm`` (the U-Net that is exactly BP), ``BPDenoiser``
 (the exact oracle); forward under
 ``torch.inference_mode`` in eval mode. Training: ms per step (draw alpha and x_t, forward,
 ``nll_loss``, backward, AdamW step) at batch 128 on the demo GHM, for the tree U-Net (width 64)
 with fused AdamW and with torch's default AdamW (a loop over parameter tensors on CPU), the
 baseline and the BP U-Net (random init) with fused AdamW.
-Also the whole ``hdiff.training.train`` loop on configs/train_demo.toml (ms per step, 300 steps).
+Also the whole ``hdiff.training.train`` loop on configs/train_demo.toml (ms per step, 300 steps), as
+is and at the demo's n = 8192 cells (batch 256) with one-hot and with training-set soft targets.
 
 Timing: one warm-up call each, then the median (and min) of ``--repeats`` rounds, calls
 interleaved within a round so that load from other processes hits every model alike.
@@ -67,6 +69,9 @@ def make_models(c: dict[str, int]) -> tuple[GHM, dict[str, Any]]:
     torch.manual_seed(0)
     models = {
         "tree_unet": TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).eval(),
+        # the demo's model: no noise input (masking), 2x-wide block MLPs
+        "tree_unet_demo": TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, mlp_ratio=2,
+                                   noise_conditioning=False).eval(),
         "unet1d": UNet1DBaseline(c["v"], "masking", c["s"], c["L"]).eval(),
         "bp_unet": BPUNet.from_ghm(ghm, "masking").eval(),
         "bp_oracle": BPDenoiser(ghm.to(DEVICE), MaskingProcess(c["v"])),
@@ -114,13 +119,14 @@ def train_step_fn(model: torch.nn.Module, ghm: GHM, opt: torch.optim.Optimizer, 
 def training(repeats: int) -> list[dict[str, Any]]:
     c = CASES["demo"]
     ghm, models = make_models(c)
-    tree, unet = models["tree_unet"].train(), models["unet1d"].train()
+    tree, unet, demo = models["tree_unet"].train(), models["unet1d"].train(), models["tree_unet_demo"].train()
     torch.manual_seed(0)
     bp_unet = BPUNet(c["v"], "masking", c["s"], c["L"], num_rules=c["m"]).train().to(DEVICE)
     tree_default = TreeUNet(c["v"], "masking", c["s"], c["L"], channels=WIDTH, noise_embedding_dim=WIDTH).train().to(DEVICE)
     runs = {
         "tree_unet/adamw-fused": (tree, torch.optim.AdamW(tree.parameters(), lr=1e-3, fused=True)),
         "tree_unet/adamw-default": (tree_default, torch.optim.AdamW(tree_default.parameters(), lr=1e-3)),
+        "tree_unet_demo/adamw-fused": (demo, torch.optim.AdamW(demo.parameters(), lr=1e-3, fused=True)),
         "unet1d/adamw-fused": (unet, torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)),
         "bp_unet/adamw-fused": (bp_unet, torch.optim.AdamW(bp_unet.parameters(), lr=1e-3, fused=True)),
     }
@@ -129,20 +135,22 @@ def training(repeats: int) -> list[dict[str, Any]]:
              "ms_per_step_min": times[k]["min"], "steps_per_s": 1e3 / times[k]["median"]} for k, (m, _) in runs.items()]
 
 
-def train_loop(steps: int = 300) -> dict[str, Any]:
-    """``hdiff.training.train`` itself on configs/train_demo.toml (tree U-Net, width 64, batch 128):
-    ms per step of the whole loop (data, noise, forward, backward, clipping, fused AdamW, EMA,
-    logging), evaluation and checkpoints pushed past the end; what ``hdiff compare`` pays per step."""
+def train_loop(steps: int = 300, **overrides: Any) -> dict[str, Any]:
+    """``hdiff.training.train`` itself on configs/train_demo.toml (the demo's tree U-Net, width 64,
+    batch 128) with ``overrides`` (dotted config names): ms per step of the whole loop (data, noise,
+    forward, backward, clipping, fused AdamW, EMA, logging, the soft target if any), evaluation and
+    checkpoints pushed past the end; what ``hdiff compare`` pays per step."""
     import tempfile
 
     from hdiff.training import load_train_config, train
 
     cfg = load_train_config(Path(__file__).parent.parent / "configs" / "train_demo.toml").replace(**{
-        "optim.max_steps": steps, "run.eval_every": 10**6, "run.checkpoint_every": 10**6})
+        "optim.max_steps": steps, "run.eval_every": 10**6, "run.checkpoint_every": 10**6, **overrides})
     with tempfile.TemporaryDirectory() as out:
         result = train(cfg, out, progress=False)
     # time_s includes the final held-out evaluation (a few hundred ms): a slight overestimate
-    return {"case": "demo", "run": "train() loop, tree_unet", "steps": steps, "ms_per_step": 1e3 * result.time_s / steps}
+    name = "train() loop, tree_unet" + "".join(f", {k.split('.')[-1]}={v}" for k, v in overrides.items())
+    return {"case": "demo", "run": name, "steps": steps, "ms_per_step": 1e3 * result.time_s / steps}
 
 
 def main() -> int:
@@ -162,20 +170,24 @@ def main() -> int:
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         print(f"forward, masking noise, threads={threads}", flush=True)
-        print(f"{'case':5} {'model':10} {'params':>8} {'ms':>9} {'min ms':>9} {'x oracle':>9}", flush=True)
+        print(f"{'case':5} {'model':14} {'params':>8} {'ms':>9} {'min ms':>9} {'x oracle':>9}", flush=True)
         for name, c in CASES.items():
             for r in forward_case(name, c, repeats):
                 rows.append({"threads": threads, **r})
                 params = f"{r['params']:8d}" if r["params"] is not None else "       -"
-                print(f"{name:5} {r['model']:10} {params} {r['ms']:9.2f} {r['ms_min']:9.2f} {r['x_oracle']:9.2f}", flush=True)
+                print(f"{name:5} {r['model']:14} {params} {r['ms']:9.2f} {r['ms_min']:9.2f} {r['x_oracle']:9.2f}", flush=True)
         print(f"training, demo GHM, batch {TRAIN_BATCH}, nll + AdamW, threads={threads}", flush=True)
-        print(f"{'run':24} {'ms/step':>9} {'min ms':>9} {'steps/s':>9}", flush=True)
+        print(f"{'run':28} {'ms/step':>9} {'min ms':>9} {'steps/s':>9}", flush=True)
         for r in training(repeats):
             train_rows.append({"threads": threads, **r})
-            print(f"{r['run']:24} {r['ms_per_step']:9.2f} {r['ms_per_step_min']:9.2f} {r['steps_per_s']:9.1f}", flush=True)
-        loop = train_loop(100 if args.quick else 300)
-        train_rows.append({"threads": threads, **loop})
-        print(f"{loop['run']:24} {loop['ms_per_step']:9.2f}", flush=True)
+            print(f"{r['run']:28} {r['ms_per_step']:9.2f} {r['ms_per_step_min']:9.2f} {r['steps_per_s']:9.1f}", flush=True)
+        steps = 100 if args.quick else 300
+        # the demo's cells at n = 8192, batch 256: one-hot targets, and soft targets from the training set
+        for overrides in ({}, {"data.n_train": 8192, "optim.batch_size": 256},
+                          {"data.n_train": 8192, "optim.batch_size": 256, "noise.target": "empirical"}):
+            loop = train_loop(steps, **overrides)
+            train_rows.append({"threads": threads, **loop})
+            print(f"{loop['run']:24} {loop['ms_per_step']:9.2f}", flush=True)
     result = {
         "benchmark": "learned denoisers vs the BP oracle: forward ms (masking noise) and training ms/step",
         "repeats": repeats, "statistic": "median (and min) of interleaved rounds after one warm-up",
