@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 
+from hdiff.ghm._random import inverse_cdf
 from hdiff.ghm.kernels import FactorizedKernel, ProductionKernel
 
 @dataclass(frozen=True)
@@ -233,19 +234,6 @@ def draw_shape(kernel, M: int) -> tuple[int, ...]:
     """Shape of the uniforms :func:`sample_down` takes for ``M`` parent columns (what
     :func:`hdiff.ghm._random.categorical` would draw): one per column and draw, in internal column order."""
     raise TypeError(f"no BP rule for kernel type {type(kernel).__name__}")
-
-
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index drawn from each row of ``probs`` ``(..., K)`` (any scale) with uniforms ``u`` ``(..., 1)``.
-
-    The same arithmetic as :func:`hdiff.ghm._random.categorical` given its uniforms: an entry with zero
-    mass is never drawn while its row has mass, and rounding onto the last cdf value is clamped.
-    """
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
-    k = probs.shape[-1]
-    last = torch.where(probs > 0, torch.arange(k, device=probs.device), 0).amax(-1)
-    return torch.minimum(idx, last)
 
 
 def to_log(x: torch.Tensor, prob: bool) -> torch.Tensor:

@@ -29,8 +29,9 @@ import torch
 from hdiff.bp import compiled as fused
 from hdiff.bp import messages
 from hdiff.bp._order import from_internal, to_internal, tokens_from_internal
-from hdiff.bp.messages import (decide, downward, draw_shape, finite_shift, inverse_cdf, logsumexp_and_softmax,
+from hdiff.bp.messages import (decide, downward, draw_shape, finite_shift, logsumexp_and_softmax,
                                 production_prob_ok, production_up_log, sample_down, sum_dim, to_log, upward)
+from hdiff.ghm._random import inverse_cdf
 from hdiff.ghm.kernels import ProductionKernel
 from hdiff.ghm.model import GHM
 
@@ -191,9 +192,10 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor, keep: list | None = None, plan
     (:mod:`hdiff.bp.compiled`).
     """
     B = leaf_log_lik.shape[0]
-    compiled = compiled and B > 0  # nothing to fuse in an empty batch (and reductions over it have no identity)
+    # nothing to fuse in an empty batch (reductions over it have no identity); keep wants the log messages
+    compiled = compiled and B > 0 and keep is None
     fused_leaves = None
-    if compiled and fused.fusable(ghm.kernels[-1]) and keep is None:
+    if compiled and fused.fusable(ghm.kernels[-1]):
         fused_leaves = fused.leaves(leaf_log_lik, ghm.layout, ghm.branching, ghm.depth)
     spread = None  # the spread of h when a compiled kernel measured it on the way
     if fused_leaves is not None:  # exp of the shifted leaves, in internal order; h only if log space needs it
@@ -224,7 +226,7 @@ def _upward(ghm: GHM, leaf_log_lik: torch.Tensor, keep: list | None = None, plan
     for step, level in enumerate(reversed(range(ghm.depth))):
         k = ghm.kernels[level]
         _at(plan, 0, step)
-        if compiled and fused.fusable(k) and keep is None:
+        if compiled and fused.fusable(k):
             if decide(0, production_prob_ok(k, h, prob, spread)):
                 x = leaf_u if leaf_pending else (h if prob else h.exp_())
                 h, log_scale, caches[level], spread = fused.up(k, x, log_scale)  # log_scale updated inside

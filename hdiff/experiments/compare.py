@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from hdiff.denoisers import BPDenoiser
 from hdiff.experiments.compare_config import CompareConfig, SamplerSpec
-from hdiff.experiments.executors import Executor, LocalExecutor
+from hdiff.experiments.executors import Executor, LocalExecutor, _show
 from hdiff.metrics.likelihood import nelbo
 from hdiff.metrics import posterior_kl, sample_quality
 from hdiff.metrics.message_probes import message_probes, summarise_probes
@@ -348,7 +348,7 @@ class Sweep:
         trained = time.monotonic()
         rows, skipped = [], 0
         bar = tqdm(self.cells(), desc="compare", dynamic_ncols=True,
-                   disable=not (self.show if self.show is not None else os.isatty(2)))
+                   disable=not _show(self.show))
         diagnostic_rows = []
         for denoiser, n in bar:
             bar.set_postfix_str(cell_name(denoiser, n))

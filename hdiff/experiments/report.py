@@ -189,8 +189,9 @@ def _reference_lines(metrics: dict) -> list[str]:
             + ("" if metrics["entropy_exact"] else f" (Monte Carlo, SE {metrics['entropy_se_bits_per_leaf']:.4f})")
             + f"; exact NLL of the held-out data of the bound {metrics['heldout_nll_bits_per_leaf']:.4f}"
             f" ± {metrics['heldout_nll_se']:.4f} bits/leaf (BP). Every NELBO must lie at or above it.",
-            f"Sweep time {metrics['time_s']:.0f} s, of which training {metrics.get('training_time_s', 0):.0f} s "
-            f"({metrics['cells_skipped']} finished cells reused)."]
+            f"Sweep time {metrics['time_s']:.0f} s"
+            + (f", of which training {metrics['training_time_s']:.0f} s" if "training_time_s" in metrics else "")
+            + f" ({metrics['cells_skipped']} finished cells reused)."]
 
 
 def _markdown_tables_html(lines: list[str]) -> str:

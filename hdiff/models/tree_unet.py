@@ -48,7 +48,7 @@ class ResBlock(nn.Module):
     Args:
         c_in, c_out: channels in and out.
         dropout: dropout probability before the second linear layer.
-        hidden: the MLP's hidden width (default ``c_out``).
+        mlp_ratio: the MLP's hidden width as a multiple of ``c_out`` (at least one unit).
         film: whether ``forward`` takes a per-sample scale/shift (then LayerNorm has no affine of its own).
         shortcut: False when every call passes ``residual`` (no projection of ``x`` is built).
 
@@ -59,9 +59,9 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, film: bool = True, shortcut: bool = True,
-                 hidden: int | None = None) -> None:
+                 mlp_ratio: float = 1.0) -> None:
         super().__init__()
-        hidden = hidden or c_out
+        hidden = max(1, round(mlp_ratio * c_out))
         self.norm = nn.LayerNorm(c_in, elementwise_affine=not film)
         self.fc1 = nn.Linear(c_in, hidden)
         self.fc2 = nn.Linear(hidden, c_out)
@@ -111,7 +111,7 @@ class TreeEncoder(nn.Module):
         super().__init__()
         self.branching = branching
         depth = len(widths) - 1
-        self.blocks = nn.ModuleList(ResBlock(widths[i], widths[i], dropout, film, hidden=round(mlp_ratio * widths[i]))
+        self.blocks = nn.ModuleList(ResBlock(widths[i], widths[i], dropout, film, mlp_ratio=mlp_ratio)
                                     for i in range(depth))
         # Conv with kernel = stride = s over tree order == Linear over each node's concatenated children.
         self.pools = nn.ModuleList(nn.Linear(branching * widths[i], widths[i + 1]) for i in range(depth))
@@ -222,11 +222,11 @@ class TreeUNet(LearnedDenoiser):
             self.embed = nn.Linear(self.process.embedding_dim, widths[0])  # the 1x1 conv from k channels
         film = noise_conditioning
         self.encoder = TreeEncoder(widths, branching, dropout, film, mlp_ratio)
-        self.root = ResBlock(widths[-1], widths[-1], dropout, film, hidden=round(mlp_ratio * widths[-1]))
+        self.root = ResBlock(widths[-1], widths[-1], dropout, film, mlp_ratio=mlp_ratio)
         # Transposed conv with kernel = stride = s: each parent's features to its s children.
         self.ups = nn.ModuleList(nn.Linear(widths[i + 1], branching * widths[i]) for i in reversed(range(depth)))
-        self.decoder = nn.ModuleList(ResBlock(2 * widths[i], widths[i], dropout, film, shortcut=False,
-                                              hidden=round(mlp_ratio * widths[i])) for i in reversed(range(depth)))
+        self.decoder = nn.ModuleList(ResBlock(2 * widths[i], widths[i], dropout, film, shortcut=False, mlp_ratio=mlp_ratio)
+                                     for i in reversed(range(depth)))
         self.head_norm = nn.LayerNorm(widths[0])
         self.head = nn.Linear(widths[0], vocab_size)
         e = noise_embedding_dim
@@ -258,7 +258,7 @@ class TreeUNet(LearnedDenoiser):
     def _run(self, x_t: torch.Tensor, u: torch.Tensor, features: dict | None) -> torch.Tensor:
         films = self._films(u)
         depth = self.config.depth
-        h, skips = self.encoder(self._embed(x_t), films[:depth] if self.config.noise_conditioning else None)
+        h, skips = self.encoder(self._embed(x_t), films[:depth])
         if features is not None:  # encoder level l < L: the block output there (after pooling from below)
             features["encoder"] = [h, *skips[:0:-1]]
         h = self.root(h, films[depth])

@@ -33,18 +33,21 @@ class TrainingDiverged(RuntimeError):
     """
 
 
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """A nested config dict (``dataclasses.asdict`` of a :class:`TrainConfig`) as ``{"optim.lr": ...}``;
+    ``model.options`` stays one value (a table of free-form constructor arguments)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
     """Dotted names of the fields where ``a`` and ``b`` differ."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "options":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
+    fa, fb = flatten_config(dataclasses.asdict(a)), flatten_config(dataclasses.asdict(b))
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 

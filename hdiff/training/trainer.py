@@ -52,7 +52,7 @@ from hdiff.training.data import GHMDataset, StepBatchSampler, identity_collate, 
 from hdiff.training.fresh import FreshBatchSampler, FreshGHMDataset, stack_collate
 from hdiff.training.loss import diffusion_loss, evaluation_loss
 from hdiff.training.models import build_model
-from hdiff.training.rundir import (RESUMABLE_FIELDS, TrainingDiverged, config_differences, preflight,
+from hdiff.training.rundir import (RESUMABLE_FIELDS, TrainingDiverged, config_differences, flatten_config, preflight,
                                    prepare_run_dir)
 
 # sub-streams of run.seed, so that no two random sources share a sequence
@@ -202,17 +202,10 @@ def _start_trackers(acc, cfg: TrainConfig, out: Path, latest: tuple[int, Path] |
     acc.init_trackers(cfg.run.project_name, config=hparams, init_kwargs=kwargs)
 
 
-def _flat_hparams(d: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+def _flat_hparams(d: dict) -> dict[str, bool | int | float | str]:
     """A nested config as ``{"optim.lr": 0.002, ...}``: scalars kept, lists and tables as JSON text, None left out."""
-    flat: dict[str, bool | int | float | str] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            flat.update(_flat_hparams(v, f"{prefix}{k}."))
-        elif isinstance(v, (bool, int, float, str)):
-            flat[f"{prefix}{k}"] = v
-        elif v is not None:
-            flat[f"{prefix}{k}"] = json.dumps(v, sort_keys=True)
-    return flat
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, sort_keys=True)
+            for k, v in flatten_config(d).items() if v is not None}
 
 
 def _finish_trackers(acc) -> None:
@@ -282,13 +275,14 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
 
     step = state["step"]
     saved_step = step if latest is not None else None  # the last checkpoint on disk, for a divergence report
-    count = max(0, o.max_steps - step) * n_proc
+    left = max(0, o.max_steps - step)  # optimizer steps still to run
     if cfg.data.fresh:  # a new batch from the GHM at every step: a pure function of (data_seed, batch index)
+        batches = FreshBatchSampler(o.batch_size, start=step * n_proc, count=left * n_proc)
         loader = acc.prepare(DataLoader(FreshGHMDataset(ghm, cfg.data.data_seed), collate_fn=stack_collate,
-                                        batch_sampler=FreshBatchSampler(o.batch_size, start=step * n_proc, count=count)))
+                                        batch_sampler=batches))
     else:
         sampler = _GlobalBatchShards(len(train_set), o.batch_size, n_proc, seed=cfg.run.seed, start=step,
-                                     count=max(0, o.max_steps - step))
+                                     count=left)
         loader = acc.prepare(DataLoader(train_set, batch_sampler=sampler, collate_fn=identity_collate,
                                         num_workers=cfg.run.num_workers))
     oracle = None  # the soft target of the loss, if any (docs/experiments.md)
@@ -298,6 +292,7 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
         oracle = EmpiricalDenoiser(train_set.tokens, process).to(acc.device)
     loss_kw = dict(schedule=get_schedule(cfg.schedule), t_min=cfg.noise.t_min, elbo=cfg.noise.elbo_weight)
     snapshots = set(cfg.run.snapshot_steps)
+    stratified = cfg.noise.t_sampling == "stratified"  # training only: evaluation keeps i.i.d. noise levels
 
     def diverged(what: str, at: int) -> TrainingDiverged:
         kept = f"its last checkpoint (step {saved_step}) is kept" if saved_step else "no checkpoint was saved yet"
@@ -326,8 +321,8 @@ def _train(cfg: TrainConfig, out: Path, ghm, model: torch.nn.Module, acc, latest
     model.train()
     try:
         for x0 in loader:
-            loss = diffusion_loss(model, x0, process, generator=noise_rng, oracle=oracle,
-                                  stratified=cfg.noise.t_sampling == "stratified", **loss_kw)
+            loss = diffusion_loss(model, x0, process, generator=noise_rng, oracle=oracle, stratified=stratified,
+                                  **loss_kw)
             # one scalar host sync per step: a non-finite loss must never reach the weights
             if not _all_finite(acc, loss.detach()):
                 value = float(loss.detach())
